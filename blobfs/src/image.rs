@@ -1,0 +1,424 @@
+//! Reading blobfs images: validation at open, and verified reads.
+//!
+//! An image is untrusted input. Opening it checks, in this order: the fixed header and its
+//! checksum, the file length, the signature (when keys are given), the rollback epoch, the
+//! index hash, then every index entry's bounds. Only then is anything variable-length used.
+//! Reads go through [`Image::read_verified`], which checks every 4 KiB block against the blob's
+//! Merkle tree up to its digest before returning a byte. Nothing is memory-mapped: an image
+//! truncated or rewritten while in use yields I/O errors, not SIGBUS and not wrong data.
+
+use crate::format::{
+    self, ENTRY_SIZE, Entry, EntryError, HEADER_SIZE, Header, HeaderError, SignatureBlockError,
+    SignatureSlot,
+};
+use crate::merkle::{BLOCK_SIZE, HASH_SIZE, Hash, TreeGeometry, fsverity_digest, hash_block};
+use crate::sign;
+use ed25519_dalek::VerifyingKey;
+use sha2::{Digest as _, Sha256};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Largest index this implementation loads (16.7 million blobs). A header that claims more is
+/// refused before anything is allocated for it.
+pub const MAX_INDEX_BYTES: u64 = 1 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{path}: {context}: {source}")]
+    Io {
+        path: String,
+        context: &'static str,
+        source: io::Error,
+    },
+    #[error("{0}: not a regular file or block device")]
+    NotAFile(String),
+    #[error("{path}: image is truncated: header says {expected} bytes, file has {actual}")]
+    Truncated {
+        path: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("{path}: {source}")]
+    Header { path: String, source: HeaderError },
+    #[error("{path}: {source}")]
+    SignatureBlock {
+        path: String,
+        source: SignatureBlockError,
+    },
+    #[error("{path}: image is not signed, but a signature by one of the given keys is required")]
+    Unsigned { path: String },
+    #[error(
+        "{path}: no valid signature by any of the given keys (image signed by key ids: {present})"
+    )]
+    BadSignature { path: String, present: String },
+    #[error("{path}: image epoch {epoch} is older than the required minimum {min} (rollback?)")]
+    Rollback { path: String, epoch: u64, min: u64 },
+    #[error("{path}: index of {size} bytes exceeds the supported maximum of {MAX_INDEX_BYTES}")]
+    IndexTooLarge { path: String, size: u64 },
+    #[error("{path}: index hash mismatch: the blob index is corrupted")]
+    IndexHash { path: String },
+    #[error("{path}: {source}")]
+    Entry { path: String, source: EntryError },
+}
+
+/// Why a read failed. Both map to EIO for clients; the log says which.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("blob {digest}: {what} block {block} failed verification")]
+    Corrupt {
+        digest: String,
+        what: &'static str,
+        block: u64,
+    },
+    #[error("blob {digest}: reading the image failed: {source}")]
+    Io { digest: String, source: io::Error },
+}
+
+/// What must hold for an image to be accepted.
+#[derive(Debug, Default, Clone)]
+pub struct OpenOptions {
+    /// If non-empty, the image must carry a valid signature by one of these keys.
+    pub keys: Vec<VerifyingKey>,
+    /// Refuse images whose epoch is lower.
+    pub min_epoch: u64,
+    /// Byte budget of the verified tree-block cache (default 64 MiB).
+    pub tree_cache_bytes: Option<usize>,
+}
+
+/// An open, validated image.
+pub struct Image {
+    path: PathBuf,
+    file: File,
+    header: Header,
+    encoded_header: [u8; HEADER_SIZE],
+    signatures: Vec<SignatureSlot>,
+    signed_by: Option<Hash>,
+    entries: Vec<Entry>,
+    cache: TreeCache,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image")
+            .field("path", &self.path)
+            .field("blobs", &self.entries.len())
+            .finish()
+    }
+}
+
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    file.read_exact_at(buf, offset)
+}
+
+impl Image {
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image, ImageError> {
+        let p = || path.display().to_string();
+        let io_err = |context| move |source| ImageError::Io {
+            path: path.display().to_string(),
+            context,
+            source,
+        };
+        let file = File::open(path).map_err(io_err("cannot open"))?;
+        let meta = file.metadata().map_err(io_err("cannot stat"))?;
+        let ft = meta.file_type();
+        let actual = if ft.is_file() {
+            meta.len()
+        } else if ft.is_block_device() {
+            block_device_size(&file).map_err(io_err("cannot size block device"))?
+        } else {
+            return Err(ImageError::NotAFile(p()));
+        };
+
+        let mut encoded_header = [0u8; HEADER_SIZE];
+        if actual < HEADER_SIZE as u64 {
+            return Err(ImageError::Truncated {
+                path: p(),
+                expected: HEADER_SIZE as u64,
+                actual,
+            });
+        }
+        read_exact_at(&file, &mut encoded_header, 0).map_err(io_err("cannot read header"))?;
+        let header = Header::decode(&encoded_header).map_err(|source| ImageError::Header {
+            path: p(),
+            source,
+        })?;
+        if actual < header.image_size {
+            return Err(ImageError::Truncated {
+                path: p(),
+                expected: header.image_size,
+                actual,
+            });
+        }
+
+        let mut sig_block = vec![0u8; BLOCK_SIZE];
+        read_exact_at(&file, &mut sig_block, format::SIGNATURE_BLOCK_OFFSET)
+            .map_err(io_err("cannot read signature block"))?;
+        let signatures = format::decode_signature_block(&sig_block).map_err(|source| {
+            ImageError::SignatureBlock {
+                path: p(),
+                source,
+            }
+        })?;
+        let signed_by = if opts.keys.is_empty() {
+            None
+        } else if signatures.is_empty() {
+            return Err(ImageError::Unsigned { path: p() });
+        } else {
+            match sign::find_valid_signature(&opts.keys, &signatures, &encoded_header) {
+                Some(id) => Some(id),
+                None => {
+                    let present = signatures
+                        .iter()
+                        .map(|s| hex::encode(&s.key_id[..8]))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    return Err(ImageError::BadSignature {
+                        path: p(),
+                        present,
+                    });
+                }
+            }
+        };
+        if header.epoch < opts.min_epoch {
+            return Err(ImageError::Rollback {
+                path: p(),
+                epoch: header.epoch,
+                min: opts.min_epoch,
+            });
+        }
+
+        if header.index_size > MAX_INDEX_BYTES {
+            return Err(ImageError::IndexTooLarge {
+                path: p(),
+                size: header.index_size,
+            });
+        }
+        let mut index = vec![0u8; header.index_size as usize];
+        read_exact_at(&file, &mut index, header.index_offset)
+            .map_err(io_err("cannot read index"))?;
+        if <[u8; 32]>::from(Sha256::digest(&index)) != header.index_sha256 {
+            return Err(ImageError::IndexHash { path: p() });
+        }
+        let mut entries = Vec::with_capacity(header.blob_count as usize);
+        for (i, raw) in index.chunks_exact(ENTRY_SIZE).enumerate() {
+            let e = Entry::decode(raw);
+            let i = i as u64;
+            if let Some(prev) = entries.last().map(|p: &Entry| p.digest)
+                && prev >= e.digest
+            {
+                return Err(ImageError::Entry {
+                    path: p(),
+                    source: EntryError::Unsorted(i),
+                });
+            }
+            e.check(i, raw, &header)
+                .map_err(|source| ImageError::Entry { path: p(), source })?;
+            entries.push(e);
+        }
+
+        Ok(Image {
+            path: path.to_owned(),
+            file,
+            header,
+            encoded_header,
+            signatures,
+            signed_by,
+            entries,
+            cache: TreeCache::new(opts.tree_cache_bytes.unwrap_or(64 << 20)),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn encoded_header(&self) -> &[u8; HEADER_SIZE] {
+        &self.encoded_header
+    }
+
+    pub fn signatures(&self) -> &[SignatureSlot] {
+        &self.signatures
+    }
+
+    /// Key id of the required key that signed the image, if keys were required.
+    pub fn signed_by(&self) -> Option<Hash> {
+        self.signed_by
+    }
+
+    /// All blobs, sorted by digest.
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// Position of the blob named `digest`, by binary search.
+    pub fn find(&self, digest: &Hash) -> Option<usize> {
+        self.entries.binary_search_by(|e| e.digest.cmp(digest)).ok()
+    }
+
+    /// Read up to `len` bytes of blob `idx` at `offset`, every block verified.
+    pub fn read_verified(&self, idx: usize, offset: u64, len: usize) -> Result<Vec<u8>, ReadError> {
+        let e = &self.entries[idx];
+        if offset >= e.size || len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = e.size.min(offset.saturating_add(len as u64));
+        let bs = BLOCK_SIZE as u64;
+        let first = offset / bs;
+        let last = (end - 1) / bs;
+        let mut buf = vec![0u8; ((last - first + 1) * bs) as usize];
+        read_exact_at(&self.file, &mut buf, e.data_offset + first * bs).map_err(|source| {
+            ReadError::Io {
+                digest: hex::encode(e.digest),
+                source,
+            }
+        })?;
+        let geometry = TreeGeometry::new(e.size);
+        let mut leaf_block: Option<(u64, Arc<[u8]>)> = None;
+        for (k, block) in buf.chunks(BLOCK_SIZE).enumerate() {
+            let index = first + k as u64;
+            let hash = hash_block(block);
+            let ok = if geometry.levels() == 0 {
+                fsverity_digest(e.size, &hash) == e.digest
+            } else {
+                let (tb, off) = geometry.hash_location(0, index);
+                let tree = match &leaf_block {
+                    Some((b, data)) if *b == tb => data.clone(),
+                    _ => {
+                        let data = self.tree_block(idx, &geometry, tb)?;
+                        leaf_block = Some((tb, data.clone()));
+                        data
+                    }
+                };
+                tree[off..off + HASH_SIZE] == hash
+            };
+            if !ok {
+                return Err(ReadError::Corrupt {
+                    digest: hex::encode(e.digest),
+                    what: "data",
+                    block: index,
+                });
+            }
+        }
+        let skip = (offset - first * bs) as usize;
+        buf.truncate(skip + (end - offset) as usize);
+        buf.drain(..skip);
+        Ok(buf)
+    }
+
+    /// A verified tree block of blob `idx`: from the cache, or read and checked against its
+    /// parent (recursively up to the digest) and then cached.
+    fn tree_block(
+        &self,
+        idx: usize,
+        geometry: &TreeGeometry,
+        block: u64,
+    ) -> Result<Arc<[u8]>, ReadError> {
+        if let Some(b) = self.cache.get(idx, block) {
+            return Ok(b);
+        }
+        let e = &self.entries[idx];
+        let mut data = vec![0u8; BLOCK_SIZE];
+        read_exact_at(
+            &self.file,
+            &mut data,
+            e.tree_offset + block * BLOCK_SIZE as u64,
+        )
+        .map_err(|source| ReadError::Io {
+            digest: hex::encode(e.digest),
+            source,
+        })?;
+        let hash = hash_block(&data);
+        let (level, index) = geometry
+            .block_position(block)
+            .expect("tree block index comes from the geometry");
+        let ok = if level + 1 == geometry.levels() {
+            fsverity_digest(e.size, &hash) == e.digest
+        } else {
+            let (pb, off) = geometry.hash_location(level + 1, index);
+            let parent = self.tree_block(idx, geometry, pb)?;
+            parent[off..off + HASH_SIZE] == hash
+        };
+        if !ok {
+            return Err(ReadError::Corrupt {
+                digest: hex::encode(e.digest),
+                what: "Merkle tree",
+                block,
+            });
+        }
+        let data: Arc<[u8]> = data.into();
+        self.cache.insert(idx, block, data.clone());
+        Ok(data)
+    }
+
+    /// Check every block of blob `idx`; returns the first problem.
+    pub fn verify_blob(&self, idx: usize) -> Result<(), ReadError> {
+        let size = self.entries[idx].size;
+        if size == 0 && self.entries[idx].digest != fsverity_digest(0, &[0; HASH_SIZE]) {
+            return Err(ReadError::Corrupt {
+                digest: hex::encode(self.entries[idx].digest),
+                what: "empty blob",
+                block: 0,
+            });
+        }
+        let step = 1 << 20;
+        let mut offset = 0;
+        while offset < size {
+            self.read_verified(idx, offset, step)?;
+            offset += step as u64;
+        }
+        Ok(())
+    }
+}
+
+fn block_device_size(file: &File) -> io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = file.try_clone()?;
+    f.seek(SeekFrom::End(0))
+}
+
+/// Verified Merkle tree blocks, bounded. Data blocks are never cached here: they are checked on
+/// every read from the image (the kernel page cache keeps verified pages for the mount).
+struct TreeCache {
+    map: Mutex<HashMap<(usize, u64), Arc<[u8]>>>,
+    max_blocks: usize,
+}
+
+impl TreeCache {
+    fn new(bytes: usize) -> TreeCache {
+        TreeCache {
+            map: Mutex::new(HashMap::new()),
+            max_blocks: (bytes / BLOCK_SIZE).max(16),
+        }
+    }
+
+    fn get(&self, idx: usize, block: u64) -> Option<Arc<[u8]>> {
+        self.lock().get(&(idx, block)).cloned()
+    }
+
+    fn insert(&self, idx: usize, block: u64, data: Arc<[u8]>) {
+        let mut map = self.lock();
+        if map.len() >= self.max_blocks {
+            // Drop about half, arbitrarily: re-verifying a tree block is one read and one hash.
+            let keep = self.max_blocks / 2;
+            let victims: Vec<_> = map.keys().skip(keep).copied().collect();
+            for k in victims {
+                map.remove(&k);
+            }
+        }
+        map.insert((idx, block), data);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, u64), Arc<[u8]>>> {
+        // A panic while holding the lock cannot leave the map inconsistent (only whole inserts
+        // and removes happen under it), so a poisoned lock is still usable.
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
