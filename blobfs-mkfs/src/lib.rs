@@ -1,1 +1,258 @@
+//! mkfs.blobfs: collect regular files from trees, hash them in parallel, write one image.
+//!
+//! Two passes: hashing (parallel over files, and over blocks within large files) and writing
+//! (sequential, in digest order, with kernel-side copies). The output depends only on the set
+//! of file contents, the epoch and the keys.
 
+pub mod cli;
+
+use blobfs::merkle::{Hash, MerkleTree};
+use blobfs::writer::{self, Content, FileStamp, ImageSettings, PreparedBlob, Written};
+use ed25519_dalek::SigningKey;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rayon::prelude::*;
+use std::fs;
+use std::io::{self, IsTerminal, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// One manifest line: which source path became which blob.
+#[derive(Debug, Clone)]
+pub struct ManifestEntry {
+    pub path: PathBuf,
+    pub digest: Hash,
+    pub size: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MkfsError {
+    #[error("{path}: {source}")]
+    Walk { path: String, source: io::Error },
+    #[error("{path}: {source}")]
+    Read { path: String, source: io::Error },
+    #[error("{0}: not a regular file any more (replaced while mkfs was running?)")]
+    NotRegular(String),
+    #[error(transparent)]
+    Write(#[from] writer::WriteError),
+}
+
+/// What to build.
+pub struct Options<'a> {
+    pub inputs: &'a [PathBuf],
+    pub follow_symlinks: bool,
+    pub threads: Option<usize>,
+    pub epoch: u64,
+    pub keys: &'a [SigningKey],
+    /// Show progress bars (only sensible on a terminal).
+    pub progress: bool,
+}
+
+/// Result of a build.
+#[derive(Debug)]
+pub struct Built {
+    pub written: Written,
+    pub manifest: Vec<ManifestEntry>,
+    pub skipped: u64,
+}
+
+/// Walk the inputs and return regular files in a deterministic order (inputs in the order
+/// given, each tree sorted by name). Special files are skipped with a warning and never opened;
+/// symlinks are skipped unless `follow_symlinks`.
+pub fn collect_files(
+    inputs: &[PathBuf],
+    follow_symlinks: bool,
+) -> Result<(Vec<PathBuf>, u64), MkfsError> {
+    let mut files = Vec::new();
+    let mut skipped = 0;
+    for input in inputs {
+        let walker = walkdir::WalkDir::new(input)
+            .follow_links(follow_symlinks)
+            .follow_root_links(follow_symlinks)
+            .sort_by_file_name();
+        for entry in walker {
+            let entry = entry.map_err(|e| MkfsError::Walk {
+                path: e.path().unwrap_or(input).display().to_string(),
+                source: e
+                    .into_io_error()
+                    .unwrap_or_else(|| io::Error::other("symlink loop")),
+            })?;
+            let ft = entry.file_type();
+            if ft.is_file() {
+                files.push(entry.into_path());
+            } else if ft.is_dir() {
+            } else if ft.is_symlink() {
+                tracing::info!(
+                    "skipping symlink {} (use --follow-symlinks)",
+                    entry.path().display()
+                );
+                skipped += 1;
+            } else {
+                tracing::warn!("skipping special file {}", entry.path().display());
+                skipped += 1;
+            }
+        }
+    }
+    Ok((files, skipped))
+}
+
+/// Hash one file: returns its tree and the stamp that the write pass re-checks.
+pub fn hash_file(path: &Path) -> Result<(MerkleTree, FileStamp), MkfsError> {
+    let rerr = |source| MkfsError::Read {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut f = writer::open_source(path).map_err(rerr)?;
+    let meta = f.metadata().map_err(rerr)?;
+    if !meta.is_file() {
+        return Err(MkfsError::NotRegular(path.display().to_string()));
+    }
+    let tree = MerkleTree::from_reader(&mut f).map_err(rerr)?;
+    let stamp = FileStamp::of(&f.metadata().map_err(rerr)?);
+    if stamp != FileStamp::of(&meta) || tree.size != stamp.size {
+        return Err(writer::WriteError::Changed(path.display().to_string()).into());
+    }
+    Ok((tree, stamp))
+}
+
+fn bar(enabled: bool, len: u64, msg: &'static str) -> ProgressBar {
+    if !enabled {
+        return ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::hidden());
+    }
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{prefix} {msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    pb.set_prefix(msg);
+    pb
+}
+
+/// Build an image at `target` from `opts.inputs`.
+pub fn build(target: &Path, opts: &Options<'_>, cancel: &AtomicBool) -> Result<Built, MkfsError> {
+    let (files, skipped) = collect_files(opts.inputs, opts.follow_symlinks)?;
+    let sizes: Vec<u64> = files
+        .iter()
+        .map(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .collect();
+    let total: u64 = sizes.iter().sum();
+    let hashing = bar(opts.progress, total, "hashing");
+    let files_done = AtomicU64::new(0);
+    let hash_all = || -> Result<Vec<(MerkleTree, FileStamp)>, MkfsError> {
+        files
+            .par_iter()
+            .map(|p| {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(writer::WriteError::Cancelled.into());
+                }
+                let r = hash_file(p)?;
+                hashing.inc(r.0.size);
+                let n = files_done.fetch_add(1, Ordering::Relaxed) + 1;
+                hashing.set_message(format!("{n}/{} files", files.len()));
+                Ok(r)
+            })
+            .collect()
+    };
+    let hashed = match opts.threads {
+        Some(n) => rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build()
+            .map_err(|e| MkfsError::Read {
+                path: "thread pool".into(),
+                source: io::Error::other(e.to_string()),
+            })?
+            .install(hash_all)?,
+        None => hash_all()?,
+    };
+    hashing.finish_and_clear();
+
+    let mut manifest = Vec::with_capacity(files.len());
+    let mut blobs = Vec::with_capacity(files.len());
+    for (path, (tree, stamp)) in files.into_iter().zip(hashed) {
+        manifest.push(ManifestEntry {
+            path: path.clone(),
+            digest: tree.digest(),
+            size: tree.size,
+        });
+        blobs.push(PreparedBlob {
+            tree,
+            content: Content::File { path, stamp },
+        });
+    }
+    let unique: u64 = {
+        let mut seen = std::collections::HashSet::new();
+        blobs
+            .iter()
+            .filter(|b| seen.insert(b.digest()))
+            .map(|b| b.tree.size)
+            .sum()
+    };
+    let writing = bar(opts.progress, unique, "writing");
+    let written = writer::write_image(
+        target,
+        blobs,
+        &ImageSettings {
+            epoch: opts.epoch,
+            keys: opts.keys,
+        },
+        &|n| writing.set_position(n),
+        cancel,
+    )?;
+    writing.finish_and_clear();
+    Ok(Built {
+        written,
+        manifest,
+        skipped,
+    })
+}
+
+/// Write the manifest: one line per source file, `DIGEST SIZE PATH`, the path escaped so that
+/// any byte string survives (`\\`, `\n`, `\t`, `\xHH` for other control and non-UTF-8 bytes).
+pub fn write_manifest(out: &mut impl Write, manifest: &[ManifestEntry]) -> io::Result<()> {
+    for m in manifest {
+        writeln!(
+            out,
+            "{} {} {}",
+            blobfs::hex_digest(&m.digest),
+            m.size,
+            escape_path(&m.path)
+        )?;
+    }
+    Ok(())
+}
+
+pub fn escape_path(p: &Path) -> String {
+    let bytes = p.as_os_str().as_bytes();
+    let mut out = String::with_capacity(bytes.len());
+    let text = String::from_utf8_lossy(bytes);
+    if matches!(text, std::borrow::Cow::Borrowed(_)) {
+        for c in text.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\t' => out.push_str("\\t"),
+                c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+                c => out.push(c),
+            }
+        }
+    } else {
+        for &b in bytes {
+            match b {
+                b'\\' => out.push_str("\\\\"),
+                b'\n' => out.push_str("\\n"),
+                b'\t' => out.push_str("\\t"),
+                0x20..=0x7e => out.push(b as char),
+                b => out.push_str(&format!("\\x{b:02x}")),
+            }
+        }
+    }
+    out
+}
+
+/// Is standard error a terminal (progress bars are shown only then)?
+pub fn stderr_is_tty() -> bool {
+    io::stderr().is_terminal()
+}

@@ -177,7 +177,10 @@ impl Header {
         }
         let bad = |field, msg: String| Err(HeaderError::Layout(field, msg));
         if self.index_offset != INDEX_OFFSET {
-            return bad("index_offset", format!("{} != {INDEX_OFFSET}", self.index_offset));
+            return bad(
+                "index_offset",
+                format!("{} != {INDEX_OFFSET}", self.index_offset),
+            );
         }
         match self.blob_count.checked_mul(ENTRY_SIZE as u64) {
             Some(n) if n == self.index_size => {}
@@ -203,7 +206,10 @@ impl Header {
         }
         let data_end = self.data_offset.checked_add(self.data_size);
         if self.data_size % bs != 0 || data_end != Some(self.image_size) {
-            return bad("image_size", "regions do not add up to the image size".into());
+            return bad(
+                "image_size",
+                "regions do not add up to the image size".into(),
+            );
         }
         Ok(())
     }

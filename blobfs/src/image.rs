@@ -117,10 +117,12 @@ fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
 impl Image {
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image, ImageError> {
         let p = || path.display().to_string();
-        let io_err = |context| move |source| ImageError::Io {
-            path: path.display().to_string(),
-            context,
-            source,
+        let io_err = |context| {
+            move |source| ImageError::Io {
+                path: path.display().to_string(),
+                context,
+                source,
+            }
         };
         let file = File::open(path).map_err(io_err("cannot open"))?;
         let meta = file.metadata().map_err(io_err("cannot stat"))?;
@@ -142,10 +144,8 @@ impl Image {
             });
         }
         read_exact_at(&file, &mut encoded_header, 0).map_err(io_err("cannot read header"))?;
-        let header = Header::decode(&encoded_header).map_err(|source| ImageError::Header {
-            path: p(),
-            source,
-        })?;
+        let header = Header::decode(&encoded_header)
+            .map_err(|source| ImageError::Header { path: p(), source })?;
         if actual < header.image_size {
             return Err(ImageError::Truncated {
                 path: p(),
@@ -157,12 +157,8 @@ impl Image {
         let mut sig_block = vec![0u8; BLOCK_SIZE];
         read_exact_at(&file, &mut sig_block, format::SIGNATURE_BLOCK_OFFSET)
             .map_err(io_err("cannot read signature block"))?;
-        let signatures = format::decode_signature_block(&sig_block).map_err(|source| {
-            ImageError::SignatureBlock {
-                path: p(),
-                source,
-            }
-        })?;
+        let signatures = format::decode_signature_block(&sig_block)
+            .map_err(|source| ImageError::SignatureBlock { path: p(), source })?;
         let signed_by = if opts.keys.is_empty() {
             None
         } else if signatures.is_empty() {
@@ -176,10 +172,7 @@ impl Image {
                         .map(|s| hex::encode(&s.key_id[..8]))
                         .collect::<Vec<_>>()
                         .join(", ");
-                    return Err(ImageError::BadSignature {
-                        path: p(),
-                        present,
-                    });
+                    return Err(ImageError::BadSignature { path: p(), present });
                 }
             }
         };

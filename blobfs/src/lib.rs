@@ -5,8 +5,16 @@
 //! reader ([`merkle`]), signatures ([`sign`]), the image reader ([`image`]) and writer
 //! ([`writer`]), and the FUSE daemon ([`fuse`]).
 
+pub mod cli;
 pub mod format;
+pub mod fuse;
 pub mod image;
 pub mod merkle;
+pub mod mount;
 pub mod sign;
 pub mod writer;
+
+/// A digest as blobs are named: 64 lowercase hex digits.
+pub fn hex_digest(d: &merkle::Hash) -> String {
+    hex::encode(d)
+}

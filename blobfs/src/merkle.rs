@@ -294,7 +294,9 @@ pub fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 /// Parse a 64-character lowercase hex digest (the only accepted spelling of a blob name).
 pub fn parse_digest(name: &str) -> Option<Hash> {
     if name.len() != 2 * HASH_SIZE
-        || !name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     {
         return None;
     }
@@ -415,7 +417,17 @@ mod tests {
     #[test]
     fn agrees_with_fs_verity_crate() {
         use sha2_010::Digest as _;
-        for size in [0usize, 1, 4095, 4096, 4097, 8191, 128 * 4096, 128 * 4096 + 1, 1 << 21] {
+        for size in [
+            0usize,
+            1,
+            4095,
+            4096,
+            4097,
+            8191,
+            128 * 4096,
+            128 * 4096 + 1,
+            1 << 21,
+        ] {
             let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
             let mut oracle = fs_verity::FsVerityDigest::<sha2_010::Sha256>::new();
             oracle.update(&data);

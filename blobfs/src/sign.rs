@@ -71,10 +71,12 @@ pub fn generate_key_pair(private: &Path, public: &Path) -> Result<VerifyingKey, 
         source: std::io::Error::other(e.to_string()),
     })?;
     let key = SigningKey::from_bytes(&secret);
-    let pem = key.to_pkcs8_pem(LineEnding::LF).map_err(|e| KeyError::Write {
-        path: private.display().to_string(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
+    let pem = key
+        .to_pkcs8_pem(LineEnding::LF)
+        .map_err(|e| KeyError::Write {
+            path: private.display().to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
     write_new(private, pem.as_bytes(), 0o600)?;
     let public_pem = key
         .verifying_key()

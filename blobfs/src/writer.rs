@@ -260,12 +260,11 @@ fn copy_file(
             return Err(WriteError::Cancelled);
         }
         let step = remaining.min(64 << 20);
-        let n = io::copy(&mut Read::take(&mut reader, step), out).map_err(|source| {
-            WriteError::Io {
+        let n =
+            io::copy(&mut Read::take(&mut reader, step), out).map_err(|source| WriteError::Io {
                 path: shown(),
                 source,
-            }
-        })?;
+            })?;
         if n == 0 {
             return Err(WriteError::Changed(shown()));
         }

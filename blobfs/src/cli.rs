@@ -1,0 +1,87 @@
+//! Command-line interface of the `blobfs` tool (also used to generate its man page).
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "blobfs",
+    version,
+    about = "Mount and inspect blobfs images: write-once blobs named by their fs-verity digest, \
+             verified block by block on every read",
+    after_help = "Exit status: 0 success, 1 failure (bad image, bad signature, I/O error), \
+                  2 usage error."
+)]
+pub struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Mount an image read-only; every block read is verified.
+    Mount(MountArgs),
+    /// Check header, signatures, index and every block of every blob.
+    Verify(VerifyArgs),
+    /// List blobs (digest and size).
+    Ls(ImageArgs),
+    /// Write one blob to standard output, verified.
+    Cat(CatArgs),
+    /// Show the header, signatures and counts.
+    Inspect(ImageArgs),
+    /// Generate an ed25519 key pair (PKCS#8 / SPKI PEM).
+    Keygen(KeygenArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// Image file or block device.
+    pub image: PathBuf,
+    /// Directory to mount on.
+    pub mountpoint: PathBuf,
+    /// Require a valid signature by this public key (repeatable: any one suffices).
+    #[arg(long = "key", value_name = "PUB.pem")]
+    pub keys: Vec<PathBuf>,
+    /// Mount options: key=PATH, layout=flat|objects, uid=N, gid=N, allow_other, allow_root,
+    /// auto_unmount, min_epoch=N, threads=N, and the usual nosuid, nodev, noexec.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub options: Vec<String>,
+    /// Stay in the foreground instead of detaching once the mount is live.
+    #[arg(short, long)]
+    pub foreground: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    pub image: PathBuf,
+    /// Require a valid signature by this public key (repeatable: any one suffices).
+    #[arg(long = "key", value_name = "PUB.pem")]
+    pub keys: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct ImageArgs {
+    pub image: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CatArgs {
+    pub image: PathBuf,
+    /// Blob digest (64 lowercase hex digits).
+    pub digest: String,
+}
+
+#[derive(Args, Debug)]
+pub struct KeygenArgs {
+    /// Where to write the private key (created with mode 0600, never overwritten).
+    pub private: PathBuf,
+    /// Where to write the public key (default: PRIVATE with `.pub` before the extension).
+    #[arg(long = "public")]
+    pub public: Option<PathBuf>,
+}

@@ -1,0 +1,346 @@
+//! `blobfs mount` and `mount.blobfs`: option handling, daemonizing, serving, clean shutdown.
+
+use crate::fuse::{BlobFs, Layout, Owner};
+use crate::image::{Image, OpenOptions};
+use crate::sign;
+use cli_common::CliError;
+use cli_common::options::{self, MountOpt};
+use fuser::{MountOption, SessionACL};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+/// Set in the environment of the re-executed daemon child; its stdout is the readiness pipe.
+const DAEMON_CHILD_ENV: &str = "BLOBFS_DAEMON_CHILD";
+const READY: &str = "ready";
+
+/// Everything a mount needs, after parsing.
+#[derive(Debug, Clone)]
+pub struct MountRequest {
+    pub image: PathBuf,
+    pub mountpoint: PathBuf,
+    pub keys: Vec<PathBuf>,
+    pub options: Vec<MountOpt>,
+    pub foreground: bool,
+}
+
+#[derive(Debug)]
+struct Settings {
+    keys: Vec<PathBuf>,
+    layout: Layout,
+    owner: Owner,
+    acl: SessionACL,
+    auto_unmount: bool,
+    min_epoch: u64,
+    threads: usize,
+    vfs: Vec<MountOption>,
+}
+
+fn parse_settings(req: &MountRequest) -> Result<Settings, CliError> {
+    let mut s = Settings {
+        keys: req.keys.clone(),
+        layout: Layout::Flat,
+        owner: Owner {
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+        },
+        acl: SessionACL::Owner,
+        auto_unmount: false,
+        min_epoch: 0,
+        threads: 4,
+        vfs: Vec::new(),
+    };
+    for o in &req.options {
+        let value = |what: &str| {
+            o.value
+                .clone()
+                .ok_or_else(|| CliError::usage(format!("mount option {} needs a {what}", o.key)))
+        };
+        let number = |what: &str| -> Result<u64, CliError> {
+            value(what)?
+                .parse()
+                .map_err(|_| CliError::usage(format!("mount option {}: not a number", o.key)))
+        };
+        match o.key.as_str() {
+            "key" => s.keys.push(PathBuf::from(value("path")?)),
+            "layout" => {
+                s.layout = match value("layout")?.as_str() {
+                    "flat" => Layout::Flat,
+                    "objects" => Layout::Objects,
+                    other => {
+                        return Err(CliError::usage(format!(
+                            "unknown layout {other:?} (expected flat or objects)"
+                        )));
+                    }
+                }
+            }
+            "uid" => s.owner.uid = id_value(&value("uid")?)?,
+            "gid" => s.owner.gid = id_value(&value("gid")?)?,
+            "allow_other" => s.acl = SessionACL::All,
+            "allow_root" => s.acl = SessionACL::RootAndOwner,
+            "auto_unmount" => s.auto_unmount = true,
+            "min_epoch" => s.min_epoch = number("number")?,
+            "threads" => {
+                s.threads = number("number")?.clamp(1, 64) as usize;
+            }
+            "rw" => {
+                return Err(CliError::usage(
+                    "blobfs images are read-only; the rw option is not supported",
+                ));
+            }
+            "ro" | "default_permissions" => {}
+            "nosuid" => s.vfs.push(MountOption::NoSuid),
+            "suid" => s.vfs.push(MountOption::Suid),
+            "nodev" => s.vfs.push(MountOption::NoDev),
+            "dev" => s.vfs.push(MountOption::Dev),
+            "noexec" => s.vfs.push(MountOption::NoExec),
+            "exec" => s.vfs.push(MountOption::Exec),
+            "noatime" => s.vfs.push(MountOption::NoAtime),
+            "atime" | "relatime" | "sync" | "async" | "dirsync" => {}
+            k if options::is_fstab_only(k) => {}
+            k => return Err(CliError::usage(format!("unknown mount option {k:?}"))),
+        }
+    }
+    if s.auto_unmount && s.acl == SessionACL::Owner {
+        // fusermount implements auto_unmount and insists on allow_root or allow_other.
+        s.acl = SessionACL::RootAndOwner;
+    }
+    Ok(s)
+}
+
+fn id_value(v: &str) -> Result<u32, CliError> {
+    v.parse()
+        .map_err(|_| CliError::usage(format!("{v:?} is not a numeric user or group id")))
+}
+
+/// Validate, then serve in the foreground or as a daemon that returns once the mount is live.
+pub fn mount(req: &MountRequest) -> Result<(), CliError> {
+    let settings = parse_settings(req)?;
+    let meta = std::fs::metadata(&req.mountpoint)
+        .map_err(|e| CliError::failure(format!("mount point {}: {e}", req.mountpoint.display())))?;
+    if !meta.is_dir() {
+        return Err(CliError::failure(format!(
+            "mount point {} is not a directory",
+            req.mountpoint.display()
+        )));
+    }
+    // Open (and so validate) the image before daemonizing, so a bad image or key is reported
+    // by the command the user ran, with its exit status.
+    let is_child = std::env::var_os(DAEMON_CHILD_ENV).is_some();
+    let will_serve = req.foreground || is_child;
+    let image = open_image(&req.image, &settings, will_serve)?;
+    if !will_serve {
+        return spawn_daemon();
+    }
+    serve(image, req, &settings, is_child)
+}
+
+/// Open and validate the image; `report` logs how it was authenticated (only the process that
+/// serves it does, so a daemonized mount does not log twice).
+fn open_image(path: &Path, s: &Settings, report: bool) -> Result<Image, CliError> {
+    let keys = s
+        .keys
+        .iter()
+        .map(|k| sign::load_verifying_key(k))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(CliError::failure)?;
+    let image = Image::open(
+        path,
+        &OpenOptions {
+            keys,
+            min_epoch: s.min_epoch,
+            tree_cache_bytes: None,
+        },
+    )
+    .map_err(CliError::failure)?;
+    match image.signed_by().filter(|_| report) {
+        _ if !report => {}
+        Some(id) => tracing::info!(
+            "{}: signature verified (key id {})",
+            path.display(),
+            hex::encode(&id[..8])
+        ),
+        None => tracing::warn!(
+            "{}: image is unsigned (no --key given): every block is still checked against its \
+             blob digest, but nothing vouches for which blobs the image contains",
+            path.display()
+        ),
+    }
+    Ok(image)
+}
+
+/// Re-run this program as a detached child with the same arguments and wait until it reports
+/// that the mount is live (or dies). No fork() in a process that may have threads.
+fn spawn_daemon() -> Result<(), CliError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| CliError::failure(format!("cannot find own executable: {e}")))?;
+    // Keep argv[0]: `mount.blobfs` and `blobfs mount` parse their arguments differently.
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let mut child = Command::new(exe)
+        .arg0(argv0)
+        .args(std::env::args_os().skip(1))
+        .env(DAEMON_CHILD_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| CliError::failure(format!("cannot start the mount daemon: {e}")))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut line = String::new();
+    let _ = BufReader::new(stdout).read_line(&mut line);
+    if line.trim() == READY {
+        return Ok(());
+    }
+    // The child has printed its own error; exit with its status.
+    let status = child.wait().ok().and_then(|s| s.code()).unwrap_or(1);
+    std::process::exit(if status == 0 { 1 } else { status });
+}
+
+fn serve(image: Image, req: &MountRequest, s: &Settings, is_child: bool) -> Result<(), CliError> {
+    if is_child {
+        // Leave the caller's session so its terminal hangup does not reach the daemon.
+        let _ = nix::unistd::setsid();
+    }
+    let blobs = image.entries().len();
+    let fs = BlobFs::new(Arc::new(image), s.layout, s.owner);
+    let mut mount_options = vec![
+        MountOption::FSName(req.image.display().to_string()),
+        MountOption::Subtype("blobfs".into()),
+        MountOption::RO,
+        MountOption::DefaultPermissions,
+    ];
+    mount_options.extend(s.vfs.iter().cloned());
+    if s.auto_unmount {
+        mount_options.push(MountOption::AutoUnmount);
+    }
+    let mut config = fuser::Config::default();
+    config.mount_options = mount_options;
+    config.acl = s.acl;
+    config.n_threads = Some(s.threads);
+    config.clone_fd = true;
+    let mut session = fuser::Session::new(fs, &req.mountpoint, &config).map_err(|e| {
+        CliError::failure(format!("cannot mount on {}: {e}", req.mountpoint.display()))
+    })?;
+    let mut unmounter = session.unmount_callable();
+    let mountpoint = req.mountpoint.clone();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ])
+    .map_err(|e| CliError::failure(format!("cannot install signal handlers: {e}")))?;
+    std::thread::spawn(move || {
+        for sig in signals.forever() {
+            tracing::info!("signal {sig}: unmounting {}", mountpoint.display());
+            if let Err(e) = unmounter.unmount() {
+                tracing::warn!("unmount of {} failed: {e}", mountpoint.display());
+            }
+        }
+    });
+    tracing::info!(
+        "serving {} ({blobs} blobs) on {}",
+        req.image.display(),
+        req.mountpoint.display()
+    );
+    if is_child {
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "{READY}");
+        let _ = out.flush();
+        cli_common::logging::detach_to_syslog();
+        if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+            let _ = nix::unistd::dup2_stdout(&null);
+            let _ = nix::unistd::dup2_stderr(&null);
+        }
+    }
+    session
+        .run()
+        .map_err(|e| CliError::failure(format!("FUSE session failed: {e}")))?;
+    tracing::info!("{} unmounted", req.mountpoint.display());
+    Ok(())
+}
+
+/// Parse the mount(8) helper calling convention:
+/// `mount.blobfs SOURCE DIR [-sfnv] [-N NAMESPACE] [-o OPTIONS] [-t TYPE]`.
+pub fn parse_helper_args(args: &[std::ffi::OsString]) -> Result<MountRequest, CliError> {
+    let mut positional = Vec::new();
+    let mut opts = Vec::new();
+    let mut foreground = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.to_str() {
+            Some("-o") => {
+                let v = it
+                    .next()
+                    .ok_or_else(|| CliError::usage("-o needs an option string"))?;
+                opts.extend(options::parse(&v.to_string_lossy()));
+            }
+            Some("-t" | "-N") => {
+                it.next();
+            }
+            Some("-f") => foreground = true,
+            Some("-s" | "-n" | "-v" | "-r" | "-w") => {}
+            Some("-h" | "--help") => {
+                return Err(CliError::usage(
+                    "usage: mount.blobfs IMAGE DIR [-o key=PUB.pem,layout=objects,uid=N,...]",
+                ));
+            }
+            Some(s) if s.starts_with('-') && s.len() > 1 => {
+                return Err(CliError::usage(format!("unknown option {s}")));
+            }
+            _ => positional.push(PathBuf::from(a)),
+        }
+    }
+    let [image, mountpoint] = <[PathBuf; 2]>::try_from(positional)
+        .map_err(|_| CliError::usage("usage: mount.blobfs IMAGE DIR [-o OPTIONS]"))?;
+    Ok(MountRequest {
+        image,
+        mountpoint,
+        keys: Vec::new(),
+        options: opts,
+        foreground,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(o: &str) -> MountRequest {
+        MountRequest {
+            image: "i".into(),
+            mountpoint: "m".into(),
+            keys: vec![],
+            options: options::parse(o),
+            foreground: true,
+        }
+    }
+
+    #[test]
+    fn options_are_parsed_and_checked() {
+        let s = parse_settings(&req("ro,layout=objects,uid=7,gid=8,key=/k,noauto,nodev")).unwrap();
+        assert_eq!(s.layout, Layout::Objects);
+        assert_eq!((s.owner.uid, s.owner.gid), (7, 8));
+        assert_eq!(s.keys, vec![PathBuf::from("/k")]);
+        for bad in ["rw", "layout=tree", "uid=bob", "frobnicate", "key"] {
+            let e = parse_settings(&req(bad)).unwrap_err();
+            assert_eq!(e.code, cli_common::EXIT_USAGE, "{bad}");
+        }
+        let s = parse_settings(&req("auto_unmount")).unwrap();
+        assert_eq!(s.acl, SessionACL::RootAndOwner);
+    }
+
+    #[test]
+    fn helper_arguments() {
+        let args: Vec<std::ffi::OsString> =
+            ["img", "/mnt", "-n", "-o", "ro,key=/k", "-t", "blobfs"]
+                .iter()
+                .map(Into::into)
+                .collect();
+        let r = parse_helper_args(&args).unwrap();
+        assert_eq!(r.image, PathBuf::from("img"));
+        assert_eq!(r.options.len(), 2);
+        assert!(parse_helper_args(&args[..1]).is_err());
+    }
+}
