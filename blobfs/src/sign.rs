@@ -56,9 +56,12 @@ pub fn load_verifying_key(path: &Path) -> Result<VerifyingKey, KeyError> {
 }
 
 fn read_text(path: &Path) -> Result<String, KeyError> {
-    fs::read_to_string(path).map_err(|source| KeyError::Read {
+    let bytes = fs::read(path).map_err(|source| KeyError::Read {
         path: path.display().to_string(),
         source,
+    })?;
+    String::from_utf8(bytes).map_err(|_| KeyError::Format {
+        path: path.display().to_string(),
     })
 }
 
