@@ -220,11 +220,21 @@ fn serve(image: Image, req: &MountRequest, s: &Settings, is_child: bool) -> Resu
     config.acl = s.acl;
     config.n_threads = Some(s.threads);
     config.clone_fd = true;
-    let mut session = fuser::Session::new(fs, &req.mountpoint, &config).map_err(|e| {
-        CliError::failure(format!("cannot mount on {}: {e}", req.mountpoint.display()))
+    let session = fuser::Session::new(fs, &req.mountpoint, &config).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::PermissionDenied
+            && !nix::unistd::geteuid().is_root()
+        {
+            " (unprivileged mounts need /dev/fuse to be mode 0666, as udev sets it, and \
+             fusermount3 from the fuse3 package)"
+        } else {
+            ""
+        };
+        CliError::failure(format!(
+            "cannot mount on {}: {e}{hint}",
+            req.mountpoint.display()
+        ))
     })?;
-    let mut unmounter = session.unmount_callable();
-    let mountpoint = req.mountpoint.clone();
+    let mountpoint = std::fs::canonicalize(&req.mountpoint).unwrap_or(req.mountpoint.clone());
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
@@ -234,9 +244,7 @@ fn serve(image: Image, req: &MountRequest, s: &Settings, is_child: bool) -> Resu
     std::thread::spawn(move || {
         for sig in signals.forever() {
             tracing::info!("signal {sig}: unmounting {}", mountpoint.display());
-            if let Err(e) = unmounter.unmount() {
-                tracing::warn!("unmount of {} failed: {e}", mountpoint.display());
-            }
+            unmount_gracefully(&mountpoint);
         }
     });
     tracing::info!(
@@ -259,6 +267,43 @@ fn serve(image: Image, req: &MountRequest, s: &Settings, is_child: bool) -> Resu
         .map_err(|e| CliError::failure(format!("FUSE session failed: {e}")))?;
     tracing::info!("{} unmounted", req.mountpoint.display());
     Ok(())
+}
+
+/// Unmount after a signal. A plain unmount can fail with EBUSY for a moment after a file was
+/// closed (FUSE sends RELEASE asynchronously), so retry briefly; if still busy, detach lazily:
+/// open files keep working and the session ends when the last one is closed.
+fn unmount_gracefully(mountpoint: &Path) {
+    use nix::errno::Errno;
+    use nix::mount::{MntFlags, umount2};
+    for _ in 0..20 {
+        match umount2(mountpoint, MntFlags::empty()) {
+            Ok(()) => return,
+            Err(Errno::EBUSY) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            Err(Errno::EPERM) => {
+                // Unprivileged mount: only the setuid helper may unmount it.
+                let ok = Command::new("fusermount3")
+                    .arg("-u")
+                    .arg(mountpoint)
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if ok {
+                    return;
+                }
+                break;
+            }
+            Err(e) => {
+                tracing::warn!("unmount of {} failed: {e}", mountpoint.display());
+                break;
+            }
+        }
+    }
+    tracing::warn!("{} is busy; detaching it lazily", mountpoint.display());
+    if umount2(mountpoint, MntFlags::MNT_DETACH).is_err() {
+        let _ = Command::new("fusermount3")
+            .arg("-uz")
+            .arg(mountpoint)
+            .status();
+    }
 }
 
 /// Parse the mount(8) helper calling convention:

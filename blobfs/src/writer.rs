@@ -171,9 +171,11 @@ pub fn write_image(
             source,
         }
     };
+    // Images are public, signed content: readable by all, like any file mkfs writes.
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}."))
         .suffix(".tmp")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
         .tempfile_in(&dir)
         .map_err(io_err(&dir))?;
     let mut out = tmp.as_file();

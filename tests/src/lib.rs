@@ -109,7 +109,20 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 pub struct FuseMount {
     pub path: PathBuf,
     child: Option<Child>,
+    /// The daemon's stderr, drained continuously: a daemon that logs a lot must never block
+    /// on a full pipe.
+    log: Option<std::thread::JoinHandle<String>>,
     _dir: tempfile::TempDir,
+}
+
+fn drain<R: Read + Send + 'static>(r: Option<R>) -> Option<std::thread::JoinHandle<String>> {
+    r.map(|mut r| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    })
 }
 
 impl FuseMount {
@@ -128,6 +141,8 @@ impl FuseMount {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+        let log = drain(child.stderr.take());
+        drop(drain(child.stdout.take()));
         let mut exited = None;
         let live = wait_until(Duration::from_secs(30), || {
             if let Ok(Some(status)) = child.try_wait() {
@@ -137,10 +152,7 @@ impl FuseMount {
             is_mounted(&path)
         });
         if let Some(status) = exited {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = e.read_to_string(&mut err);
-            }
+            let err = log.and_then(|h| h.join().ok()).unwrap_or_default();
             return Err(format!("daemon exited with {status}: {err}"));
         }
         if !live {
@@ -151,6 +163,7 @@ impl FuseMount {
         Ok(FuseMount {
             path,
             child: Some(child),
+            log,
             _dir: dir,
         })
     }
@@ -176,7 +189,6 @@ impl FuseMount {
         if is_mounted(&self.path) {
             unmount(&self.path);
         }
-        let mut err = String::new();
         if let Some(mut c) = self.child.take() {
             let exited = wait_until(Duration::from_secs(10), || {
                 matches!(c.try_wait(), Ok(Some(_)))
@@ -185,11 +197,11 @@ impl FuseMount {
                 let _ = c.kill();
             }
             let _ = c.wait();
-            if let Some(mut e) = c.stderr.take() {
-                let _ = e.read_to_string(&mut err);
-            }
         }
-        err
+        self.log
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default()
     }
 }
 

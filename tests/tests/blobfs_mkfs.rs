@@ -113,7 +113,10 @@ fn identical_bytes_whatever_the_thread_count_and_input_order() {
             .arg(&b)
             .arg(&a),
     );
-    assert!(fs::read(&one).unwrap() == fs::read(&two).unwrap(), "images differ");
+    assert!(
+        fs::read(&one).unwrap() == fs::read(&two).unwrap(),
+        "images differ"
+    );
 }
 
 struct Signed {
@@ -130,7 +133,11 @@ fn signed_image() -> Signed {
     let src = t.path().join("src");
     fs::create_dir(&src).unwrap();
     for i in 0..5 {
-        fs::write(src.join(format!("f{i}")), pseudo_random_bytes(i, 3000 * i as usize)).unwrap();
+        fs::write(
+            src.join(format!("f{i}")),
+            pseudo_random_bytes(i, 3000 * i as usize),
+        )
+        .unwrap();
     }
     let key_a = t.path().join("a.pem");
     let key_b = t.path().join("b.pem");
@@ -152,17 +159,34 @@ fn signed_image() -> Signed {
 
 fn verify_err(img: &Path, key: &Path) -> String {
     let out = run(blobfs().arg("verify").arg(img).arg("--key").arg(key));
-    assert_eq!(out.status.code(), Some(1), "verify of {} should fail", img.display());
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "verify of {} should fail",
+        img.display()
+    );
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]
 fn signatures_right_key_wrong_key_missing_signature() {
     let s = signed_image();
-    let ok = run_ok(blobfs().arg("verify").arg(&s.img).arg("--key").arg(&s.pub_a));
+    let ok = run_ok(
+        blobfs()
+            .arg("verify")
+            .arg(&s.img)
+            .arg("--key")
+            .arg(&s.pub_a),
+    );
     assert!(ok.contains("signed by key id"), "{ok}");
     // The private key file works as a verification key too.
-    run_ok(blobfs().arg("verify").arg(&s.img).arg("--key").arg(&s.key_a));
+    run_ok(
+        blobfs()
+            .arg("verify")
+            .arg(&s.img)
+            .arg("--key")
+            .arg(&s.key_a),
+    );
     let e = verify_err(&s.img, &s.pub_b);
     assert!(e.contains("no valid signature"), "{e}");
     let e = verify_err(&s.unsigned, &s.pub_a);
@@ -251,8 +275,11 @@ fn special_files_are_skipped_and_symlinks_followed_only_when_asked() {
     let src = t.path().join("src");
     fs::create_dir(&src).unwrap();
     fs::write(src.join("file"), b"content").unwrap();
-    nix::unistd::mkfifo(&src.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644))
-        .unwrap();
+    nix::unistd::mkfifo(
+        &src.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
     std::os::unix::fs::symlink(t.path().join("outside"), src.join("link")).unwrap();
     fs::write(t.path().join("outside"), b"outside").unwrap();
     let img = t.path().join("img");
@@ -285,7 +312,9 @@ fn failures_leave_no_partial_image_and_no_temp_file() {
     let out_dir = t.path().join("out");
     fs::create_dir(&out_dir).unwrap();
     // Missing input.
-    let out = run(mkfs().arg(out_dir.join("img")).arg(t.path().join("missing")));
+    let out = run(mkfs()
+        .arg(out_dir.join("img"))
+        .arg(t.path().join("missing")));
     assert_eq!(out.status.code(), Some(1));
     assert!(dir_names(&out_dir).is_empty());
     // Usage error.
