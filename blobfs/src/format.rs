@@ -201,11 +201,11 @@ impl Header {
             return bad("tree_offset", "does not follow the padded index".into());
         }
         let tree_end = self.tree_offset.checked_add(self.tree_size);
-        if self.tree_size % bs != 0 || tree_end != Some(self.data_offset) {
+        if !self.tree_size.is_multiple_of(bs) || tree_end != Some(self.data_offset) {
             return bad("data_offset", "does not follow the tree region".into());
         }
         let data_end = self.data_offset.checked_add(self.data_size);
-        if self.data_size % bs != 0 || data_end != Some(self.image_size) {
+        if !self.data_size.is_multiple_of(bs) || data_end != Some(self.image_size) {
             return bad(
                 "image_size",
                 "regions do not add up to the image size".into(),
@@ -296,7 +296,7 @@ impl Entry {
             .checked_mul(bs)
             .ok_or_else(|| EntryError::OutOfBounds(i, name(), "data"))?;
         if data_len > 0 {
-            if self.data_offset % bs != 0 {
+            if !self.data_offset.is_multiple_of(bs) {
                 return Err(EntryError::Unaligned(i, name(), "data"));
             }
             if !inside(self.data_offset, data_len, h.data_offset, h.data_size) {
@@ -305,7 +305,7 @@ impl Entry {
         }
         let tree_len = TreeGeometry::new(self.size).tree_bytes();
         if tree_len > 0 {
-            if self.tree_offset % bs != 0 {
+            if !self.tree_offset.is_multiple_of(bs) {
                 return Err(EntryError::Unaligned(i, name(), "Merkle tree"));
             }
             if !inside(self.tree_offset, tree_len, h.tree_offset, h.tree_size) {

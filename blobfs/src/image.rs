@@ -379,8 +379,11 @@ fn block_device_size(file: &File) -> io::Result<u64> {
 
 /// Verified Merkle tree blocks, bounded. Data blocks are never cached here: they are checked on
 /// every read from the image (the kernel page cache keeps verified pages for the mount).
+/// (blob index, tree block) -> verified block contents.
+type TreeBlocks = HashMap<(usize, u64), Arc<[u8]>>;
+
 struct TreeCache {
-    map: Mutex<HashMap<(usize, u64), Arc<[u8]>>>,
+    map: Mutex<TreeBlocks>,
     max_blocks: usize,
 }
 
@@ -409,7 +412,7 @@ impl TreeCache {
         map.insert((idx, block), data);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, u64), Arc<[u8]>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TreeBlocks> {
         // A panic while holding the lock cannot leave the map inconsistent (only whole inserts
         // and removes happen under it), so a poisoned lock is still usable.
         self.map.lock().unwrap_or_else(|e| e.into_inner())

@@ -1,5 +1,7 @@
 //! mkfs.blobfs and the offline `blobfs` tools against real files and the `fsverity` CLI.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use integration_tests::{bin, pseudo_random_bytes, run, run_ok};
 use std::collections::HashMap;
 use std::fs;

@@ -1,5 +1,7 @@
 //! The blobfs FUSE daemon, mounted for real.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use integration_tests::{
     FuseMount, bin, is_mounted, mountinfo_line, pread, pseudo_random_bytes, run, run_ok, wait_until,
 };
