@@ -18,6 +18,7 @@ fn man(dir: &Path) -> Result<()> {
     let pages = [
         (blobfs::cli::Cli::command(), "blobfs.1"),
         (blobfs_mkfs::cli::Cli::command(), "mkfs.blobfs.8"),
+        (subdir_mount::cli::Cli::command(), "subdir-mount.8"),
     ];
     for (cmd, file) in pages {
         write_page(cmd.clone(), &dir.join(file))?;
