@@ -258,3 +258,20 @@ pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// Loop devices (`/dev/loopN`) whose backing file is `file`, according to sysfs (what
+/// `losetup -j FILE` reports).
+pub fn loop_devices_backed_by(file: &Path) -> Vec<PathBuf> {
+    let want = fs::canonicalize(file).unwrap_or_else(|_| file.to_owned());
+    let Ok(dir) = fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("loop"))
+        .filter(|e| {
+            fs::read_to_string(e.path().join("loop/backing_file"))
+                .is_ok_and(|s| Path::new(s.trim_end()) == want)
+        })
+        .map(|e| Path::new("/dev").join(e.file_name()))
+        .collect()
+}
