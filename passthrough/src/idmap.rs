@@ -1,4 +1,4 @@
-//! `--uid-map`/`--gid-map DISK:VIEW:COUNT` (the syntax of idmap-overlay): ids
+//! `--uid-map`/`--gid-map DISK:VIEW:COUNT` (shared by idmap-overlay and subdir-mount): ids
 //! `DISK..DISK+COUNT-1` as stored on the filesystem are shown as `VIEW..VIEW+COUNT-1`.
 //!
 //! A kernel idmapped mount maps an on-disk id through the mount's user namespace as if it were
@@ -117,6 +117,164 @@ pub fn proc_map_text(ranges: &[IdRange]) -> String {
         .collect()
 }
 
+/// The overflow id the kernel shows for ids without a mapping.
+pub const OVERFLOW_ID: u32 = 65534;
+
+/// How ids outside every range are shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Unmapped {
+    /// As the overflow id 65534, like the kernel; they cannot be written through the view.
+    #[default]
+    Overflow,
+    /// Unchanged.
+    Identity,
+}
+
+/// One dimension (uids or gids) of a mapping, ready for lookups in both directions.
+#[derive(Debug, Clone)]
+pub struct IdMap {
+    ranges: Vec<IdRange>,
+    unmapped: Unmapped,
+}
+
+fn contains(first: u32, count: u32, id: u32) -> bool {
+    id >= first && u64::from(id) < u64::from(first) + u64::from(count)
+}
+
+impl IdMap {
+    /// A map over `ranges` (already checked with [`classify`]). No ranges is the identity.
+    pub fn new(ranges: Vec<IdRange>, unmapped: Unmapped) -> IdMap {
+        IdMap { ranges, unmapped }
+    }
+
+    pub fn is_identity(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// Whether `disk` has a mapping (unmapped ids in overflow mode do not).
+    pub fn is_mapped(&self, disk: u32) -> bool {
+        self.ranges.is_empty()
+            || self.unmapped == Unmapped::Identity
+            || self.ranges.iter().any(|r| contains(r.disk, r.count, disk))
+    }
+
+    /// The id shown for an on-disk id.
+    pub fn to_view(&self, disk: u32) -> u32 {
+        if self.ranges.is_empty() {
+            return disk;
+        }
+        for r in &self.ranges {
+            if contains(r.disk, r.count, disk) {
+                return r.view + (disk - r.disk);
+            }
+        }
+        match self.unmapped {
+            Unmapped::Overflow => OVERFLOW_ID,
+            Unmapped::Identity => disk,
+        }
+    }
+
+    /// The on-disk id to store for a view id, if it has exactly one preimage (only meaningful
+    /// for an injective map; for a many-to-one map the first range wins).
+    pub fn to_disk(&self, view: u32) -> Option<u32> {
+        if self.ranges.is_empty() {
+            return Some(view);
+        }
+        for r in &self.ranges {
+            if contains(r.view, r.count, view) {
+                return Some(r.disk + (view - r.view));
+            }
+        }
+        match self.unmapped {
+            // An unmapped disk id shows as itself; a mapped disk id never does.
+            Unmapped::Identity if !self.ranges.iter().any(|r| contains(r.disk, r.count, view)) => {
+                Some(view)
+            }
+            _ => None,
+        }
+    }
+
+    /// Why the view is not injective, if it is not: two disk ids shown as the same view id.
+    pub fn non_injective_reason(&self, kind: &str) -> Option<String> {
+        for (i, a) in self.ranges.iter().enumerate() {
+            for b in &self.ranges[i + 1..] {
+                if overlap(a.view, b.view, a.count, b.count) {
+                    return Some(format!(
+                        "--{kind}-map {a} and {b} show several disk ids as the same view id"
+                    ));
+                }
+            }
+        }
+        if self.unmapped == Unmapped::Identity && !self.ranges.is_empty() {
+            // Each mapped view id must not also be an unmapped disk id shown as itself.
+            for r in &self.ranges {
+                if let Some(id) = self.first_uncovered(r.view, r.count) {
+                    return Some(format!(
+                        "--{kind}-map {r} shows disk {kind} {} as {id}, but the unmapped disk \
+                         {kind} {id} is shown as {id} too (--unmapped=identity)",
+                        r.disk + (id - r.view)
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    /// The first id of `first..first+count` that no disk range covers.
+    fn first_uncovered(&self, first: u32, count: u32) -> Option<u32> {
+        let end = u64::from(first) + u64::from(count);
+        let mut sorted: Vec<&IdRange> = self.ranges.iter().collect();
+        sorted.sort_by_key(|r| r.disk);
+        let mut next = u64::from(first);
+        for r in sorted {
+            let (s, e) = (u64::from(r.disk), u64::from(r.disk) + u64::from(r.count));
+            if e <= next {
+                continue;
+            }
+            if s > next {
+                break;
+            }
+            next = e;
+            if next >= end {
+                return None;
+            }
+        }
+        (next < end).then_some(next as u32)
+    }
+}
+
+/// Read maps from a file: one range a line, `u DISK VIEW COUNT` (uids), `g DISK VIEW COUNT`
+/// (gids) or `b DISK VIEW COUNT` (both), the last three columns in `/proc/PID/uid_map` order.
+/// A line without the letter is a uid range; `#` starts a comment.
+pub fn parse_map_file(text: &str) -> Result<(Vec<IdRange>, Vec<IdRange>), String> {
+    let (mut uids, mut gids) = (Vec::new(), Vec::new());
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let mut words: Vec<&str> = line.split_whitespace().collect();
+        let which = match words.first() {
+            Some(&w) if matches!(w, "u" | "g" | "b") => {
+                words.remove(0);
+                w
+            }
+            _ => "u",
+        };
+        let r: IdRange = words
+            .join(":")
+            .parse()
+            .map_err(|e| format!("line {}: {e}", n + 1))?;
+        if which != "g" {
+            uids.push(r);
+        }
+        if which != "u" {
+            gids.push(r);
+        }
+    }
+    Ok((uids, gids))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +326,45 @@ mod tests {
         );
         let e = classify("uid", &[r("0:1000:10"), r("9:3000:1")]).unwrap_err();
         assert_eq!(e.code, cli_common::EXIT_USAGE);
+    }
+
+    #[test]
+    fn maps_both_ways() {
+        let m = IdMap::new(
+            vec![r("65534:1000:1"), r("50000:1000:1")],
+            Unmapped::Overflow,
+        );
+        assert_eq!(
+            (m.to_view(65534), m.to_view(50000), m.to_view(7)),
+            (1000, 1000, 65534)
+        );
+        assert!(m.non_injective_reason("uid").is_some());
+        assert!(!m.is_mapped(7) && m.is_mapped(50000));
+        let m = IdMap::new(vec![r("100:1000:10")], Unmapped::Overflow);
+        assert_eq!((m.to_disk(1005), m.to_disk(5)), (Some(105), None));
+        assert!(m.non_injective_reason("uid").is_none());
+        // Identity for unmapped ids: a swap is injective, a lone map is not.
+        let swap = IdMap::new(
+            vec![r("65534:1000:1"), r("1000:65534:1")],
+            Unmapped::Identity,
+        );
+        assert!(swap.non_injective_reason("uid").is_none());
+        assert_eq!(
+            (swap.to_disk(1000), swap.to_disk(5)),
+            (Some(65534), Some(5))
+        );
+        let lone = IdMap::new(vec![r("65534:1000:1")], Unmapped::Identity);
+        assert!(lone.non_injective_reason("uid").is_some());
+        assert_eq!(lone.to_disk(65534), None);
+        assert_eq!(IdMap::new(vec![], Unmapped::Overflow).to_view(7), 7);
+    }
+
+    #[test]
+    fn parses_map_files() {
+        let (u, g) = parse_map_file("# c\n u 0 1000 1\n\ng 5 6 7 # x\nb 9 9 1\n10 11 1\n").unwrap();
+        assert_eq!(u, vec![r("0:1000:1"), r("9:9:1"), r("10:11:1")]);
+        assert_eq!(g, vec![r("5:6:7"), r("9:9:1")]);
+        assert!(parse_map_file("u 1 2").is_err());
     }
 
     #[test]

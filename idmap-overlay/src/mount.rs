@@ -1,0 +1,346 @@
+//! Settings from the command line and `-o`, daemonizing, serving, clean shutdown.
+
+use crate::cli::{Cli, UnmappedArg};
+use cli_common::CliError;
+use cli_common::options::{self, MountOpt};
+use fuse_passthrough::idmap::{self, IdMap, IdRange, Unmapped};
+use fuse_passthrough::{Mapping, Options, PassthroughFs};
+use fuser::{MountOption, SessionACL};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Set in the environment of the re-executed daemon child; its stdout is the readiness pipe.
+const DAEMON_CHILD_ENV: &str = "IDMAP_OVERLAY_DAEMON_CHILD";
+const READY: &str = "ready";
+
+/// Everything the daemon needs, after parsing and checking.
+#[derive(Debug)]
+pub struct Settings {
+    pub uid_map: Vec<IdRange>,
+    pub gid_map: Vec<IdRange>,
+    pub unmapped: Unmapped,
+    /// Why the view is not injective (then the mount is read-only).
+    pub read_only_reason: Option<String>,
+    pub read_only: bool,
+    pub acl: SessionACL,
+    pub auto_unmount: bool,
+    pub threads: usize,
+    pub passthrough: bool,
+    pub vfs: Vec<MountOption>,
+}
+
+fn read_map_file(
+    path: &Path,
+    uids: &mut Vec<IdRange>,
+    gids: &mut Vec<IdRange>,
+) -> Result<(), CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::usage(format!("map file {}: {e}", path.display())))?;
+    let (u, g) = idmap::parse_map_file(&text)
+        .map_err(|e| CliError::usage(format!("map file {}: {e}", path.display())))?;
+    uids.extend(u);
+    gids.extend(g);
+    Ok(())
+}
+
+/// Combine the command line and `-o` options; check the maps.
+pub fn settings(cli: &Cli, opts: &[MountOpt]) -> Result<Settings, CliError> {
+    let mut uid_map = cli.uid_map.clone();
+    let mut gid_map = cli.gid_map.clone();
+    for f in &cli.map_file {
+        read_map_file(f, &mut uid_map, &mut gid_map)?;
+    }
+    let mut unmapped = match cli.unmapped {
+        UnmappedArg::Overflow => Unmapped::Overflow,
+        UnmappedArg::Identity => Unmapped::Identity,
+    };
+    let mut s = Settings {
+        uid_map: Vec::new(),
+        gid_map: Vec::new(),
+        unmapped,
+        read_only_reason: None,
+        read_only: false,
+        acl: SessionACL::All,
+        auto_unmount: false,
+        threads: 4,
+        passthrough: true,
+        vfs: Vec::new(),
+    };
+    for o in opts {
+        let value = || {
+            o.value
+                .clone()
+                .ok_or_else(|| CliError::usage(format!("mount option {} needs a value", o.key)))
+        };
+        let range = |v: String| {
+            v.parse::<IdRange>()
+                .map_err(|e| CliError::usage(format!("mount option {}: {e}", o.key)))
+        };
+        match o.key.as_str() {
+            "uidmap" => uid_map.push(range(value()?)?),
+            "gidmap" => gid_map.push(range(value()?)?),
+            "mapfile" => read_map_file(Path::new(&value()?), &mut uid_map, &mut gid_map)?,
+            "unmapped" => {
+                unmapped = match value()?.as_str() {
+                    "overflow" => Unmapped::Overflow,
+                    "identity" => Unmapped::Identity,
+                    v => {
+                        return Err(CliError::usage(format!(
+                            "unmapped={v}: expected overflow or identity"
+                        )));
+                    }
+                }
+            }
+            "threads" => {
+                s.threads = value()?
+                    .parse::<usize>()
+                    .map_err(|_| CliError::usage("mount option threads: not a number"))?
+                    .clamp(1, 64);
+            }
+            "allow_other" => s.acl = SessionACL::All,
+            "allow_root" => s.acl = SessionACL::RootAndOwner,
+            "auto_unmount" => s.auto_unmount = true,
+            "nopassthrough" => s.passthrough = false,
+            "passthrough" => s.passthrough = true,
+            "ro" => s.read_only = true,
+            "rw" | "default_permissions" => {}
+            "nosuid" => s.vfs.push(MountOption::NoSuid),
+            "suid" => s.vfs.push(MountOption::Suid),
+            "nodev" => s.vfs.push(MountOption::NoDev),
+            "dev" => s.vfs.push(MountOption::Dev),
+            "noexec" => s.vfs.push(MountOption::NoExec),
+            "exec" => s.vfs.push(MountOption::Exec),
+            "noatime" => s.vfs.push(MountOption::NoAtime),
+            "atime" | "relatime" | "sync" | "async" | "dirsync" => {}
+            k if options::is_fstab_only(k) => {}
+            k => return Err(CliError::usage(format!("unknown mount option {k:?}"))),
+        }
+    }
+    // Overlapping disk ranges are a usage error; overlapping view ranges are fine.
+    idmap::classify("uid", &uid_map)?;
+    idmap::classify("gid", &gid_map)?;
+    let m = mapping_of(&uid_map, &gid_map, unmapped);
+    s.read_only_reason = m
+        .uid
+        .non_injective_reason("uid")
+        .or_else(|| m.gid.non_injective_reason("gid"));
+    s.read_only |= s.read_only_reason.is_some();
+    s.uid_map = uid_map;
+    s.gid_map = gid_map;
+    s.unmapped = unmapped;
+    Ok(s)
+}
+
+fn mapping_of(uids: &[IdRange], gids: &[IdRange], unmapped: Unmapped) -> Mapping {
+    Mapping {
+        uid: IdMap::new(uids.to_vec(), unmapped),
+        gid: IdMap::new(gids.to_vec(), unmapped),
+    }
+}
+
+/// Validate, then serve in the foreground or as a daemon that returns once the mount is live.
+pub fn mount(cli: &Cli) -> Result<(), CliError> {
+    let opts: Vec<MountOpt> = cli.options.iter().flat_map(|o| options::parse(o)).collect();
+    let s = settings(cli, &opts)?;
+    for (what, p) in [("source", &cli.source), ("mount point", &cli.mountpoint)] {
+        let meta = std::fs::metadata(p)
+            .map_err(|e| CliError::failure(format!("{what} {}: {e}", p.display())))?;
+        if !meta.is_dir() {
+            return Err(CliError::failure(format!(
+                "{what} {} is not a directory",
+                p.display()
+            )));
+        }
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return Err(CliError::failure(
+            "idmap-overlay must run as root (it stores files under other users' ids)",
+        ));
+    }
+    let is_child = std::env::var_os(DAEMON_CHILD_ENV).is_some();
+    if !(cli.foreground || is_child) {
+        return spawn_daemon();
+    }
+    serve(cli, &s, is_child)
+}
+
+/// Re-run this program as a detached child with the same arguments and wait until it reports
+/// that the mount is live (or dies). No fork() in a process that may have threads.
+fn spawn_daemon() -> Result<(), CliError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| CliError::failure(format!("cannot find own executable: {e}")))?;
+    let mut child = Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(DAEMON_CHILD_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| CliError::failure(format!("cannot start the mount daemon: {e}")))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut line = String::new();
+    let _ = BufReader::new(stdout).read_line(&mut line);
+    if line.trim() == READY {
+        return Ok(());
+    }
+    let status = child.wait().ok().and_then(|s| s.code()).unwrap_or(1);
+    std::process::exit(if status == 0 { 1 } else { status });
+}
+
+fn describe(kind: &str, ranges: &[IdRange]) -> String {
+    if ranges.is_empty() {
+        return format!("{kind}s unchanged");
+    }
+    let list: Vec<String> = ranges.iter().map(ToString::to_string).collect();
+    format!("{kind} map {}", list.join(" "))
+}
+
+fn serve(cli: &Cli, s: &Settings, is_child: bool) -> Result<(), CliError> {
+    if is_child {
+        let _ = nix::unistd::setsid();
+    }
+    let map = mapping_of(&s.uid_map, &s.gid_map, s.unmapped);
+    let fs = PassthroughFs::new(
+        &cli.source,
+        Arc::new(map),
+        Options {
+            read_only: s.read_only,
+            passthrough: s.passthrough,
+            ttl: Duration::from_secs(1),
+        },
+    )
+    .map_err(|e| CliError::failure(format!("source {}: {e}", cli.source.display())))?;
+    let mut mount_options = vec![
+        MountOption::FSName(cli.source.display().to_string()),
+        MountOption::Subtype("idmap-overlay".into()),
+        MountOption::DefaultPermissions,
+        if s.read_only {
+            MountOption::RO
+        } else {
+            MountOption::RW
+        },
+    ];
+    mount_options.extend(s.vfs.iter().cloned());
+    if s.auto_unmount {
+        mount_options.push(MountOption::AutoUnmount);
+    }
+    let mut config = fuser::Config::default();
+    config.mount_options = mount_options;
+    config.acl = s.acl;
+    config.n_threads = Some(s.threads);
+    config.clone_fd = true;
+    let session = fuser::Session::new(fs, &cli.mountpoint, &config).map_err(|e| {
+        CliError::failure(format!("cannot mount on {}: {e}", cli.mountpoint.display()))
+    })?;
+    let mountpoint = std::fs::canonicalize(&cli.mountpoint).unwrap_or(cli.mountpoint.clone());
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ])
+    .map_err(|e| CliError::failure(format!("cannot install signal handlers: {e}")))?;
+    std::thread::spawn(move || {
+        for sig in signals.forever() {
+            tracing::info!("signal {sig}: unmounting {}", mountpoint.display());
+            unmount_gracefully(&mountpoint);
+        }
+    });
+    match &s.read_only_reason {
+        Some(why) => tracing::warn!("the view is not injective ({why}): mounted read-only"),
+        None if s.read_only => tracing::info!("mounted read-only (ro option)"),
+        None => tracing::info!("the view is injective: mounted read-write"),
+    }
+    tracing::info!(
+        "serving {} on {} (mode fuse; {}; {}; unmapped ids {})",
+        cli.source.display(),
+        cli.mountpoint.display(),
+        describe("uid", &s.uid_map),
+        describe("gid", &s.gid_map),
+        match s.unmapped {
+            Unmapped::Overflow => "shown as 65534",
+            Unmapped::Identity => "unchanged",
+        }
+    );
+    if is_child {
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "{READY}");
+        let _ = out.flush();
+        cli_common::logging::detach_to_syslog();
+        if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+            let _ = nix::unistd::dup2_stdout(&null);
+            let _ = nix::unistd::dup2_stderr(&null);
+        }
+    }
+    session
+        .run()
+        .map_err(|e| CliError::failure(format!("FUSE session failed: {e}")))?;
+    tracing::info!("{} unmounted", cli.mountpoint.display());
+    Ok(())
+}
+
+/// Unmount after a signal: retry briefly while busy (RELEASE is asynchronous), then detach.
+fn unmount_gracefully(mountpoint: &PathBuf) {
+    use nix::errno::Errno;
+    use nix::mount::{MntFlags, umount2};
+    for _ in 0..20 {
+        match umount2(mountpoint, MntFlags::empty()) {
+            Ok(()) => return,
+            Err(Errno::EBUSY) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => {
+                tracing::warn!("unmount of {} failed: {e}", mountpoint.display());
+                break;
+            }
+        }
+    }
+    tracing::warn!("{} is busy; detaching it lazily", mountpoint.display());
+    let _ = umount2(mountpoint, MntFlags::MNT_DETACH);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<Settings, CliError> {
+        let mut argv = vec!["idmap-overlay", "src", "mnt"];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).map_err(|e| CliError::usage(e.to_string()))?;
+        let opts: Vec<MountOpt> = cli.options.iter().flat_map(|o| options::parse(o)).collect();
+        settings(&cli, &opts)
+    }
+
+    #[test]
+    fn many_to_one_is_read_only() {
+        let s = parse(&["--uid-map", "65534:1000:1", "--uid-map", "50000:1000:1"]).unwrap();
+        assert!(s.read_only && s.read_only_reason.is_some());
+        let s = parse(&["-o", "uidmap=65534:1000:1,uidmap=50000:1000:1"]).unwrap();
+        assert!(s.read_only);
+        let s = parse(&["--uid-map", "0:1000:10", "--gid-map", "0:1000:10"]).unwrap();
+        assert!(!s.read_only);
+        let s = parse(&["--unmapped", "identity", "--uid-map", "65534:1000:1"]).unwrap();
+        assert!(s.read_only);
+        let s = parse(&[
+            "-o",
+            "unmapped=identity,uidmap=65534:1000:1,uidmap=1000:65534:1",
+        ])
+        .unwrap();
+        assert!(!s.read_only);
+    }
+
+    #[test]
+    fn bad_maps_are_usage_errors() {
+        for bad in [
+            &["--uid-map", "0:1000:10", "--uid-map", "5:2000:1"][..],
+            &["-o", "uidmap=1:2"],
+            &["-o", "frobnicate"],
+            &["-o", "unmapped=maybe"],
+            &["--uid-map", "x:1:1"],
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.code, cli_common::EXIT_USAGE, "{bad:?}");
+        }
+    }
+}
