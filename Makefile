@@ -29,6 +29,7 @@ install: build man
 	install -m 0755 $(REL)/subdir-mount $(DESTDIR)$(SBINDIR)/subdir-mount
 	# mount.subdir (fstab type "subdir") is subdir-mount under another name.
 	ln -sf subdir-mount $(DESTDIR)$(SBINDIR)/mount.subdir
+	install -m 0755 $(REL)/idmap-overlay $(DESTDIR)$(SBINDIR)/idmap-overlay
 	install -m 0644 $(TARGET_DIR)/man/*.1 $(DESTDIR)$(MANDIR)/man1/
 	install -m 0644 $(TARGET_DIR)/man/*.8 $(DESTDIR)$(MANDIR)/man8/
 
@@ -36,6 +37,7 @@ uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/blobfs $(DESTDIR)$(SBINDIR)/mkfs.blobfs $(DESTDIR)$(SBINDIR)/mount.blobfs
 	rm -f $(DESTDIR)$(MANDIR)/man1/blobfs*.1 $(DESTDIR)$(MANDIR)/man8/mkfs.blobfs.8
 	rm -f $(DESTDIR)$(SBINDIR)/subdir-mount $(DESTDIR)$(SBINDIR)/mount.subdir $(DESTDIR)$(MANDIR)/man8/subdir-mount.8
+	rm -f $(DESTDIR)$(SBINDIR)/idmap-overlay $(DESTDIR)$(MANDIR)/man8/idmap-overlay.8
 
 check:
 	./check

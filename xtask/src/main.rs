@@ -19,6 +19,7 @@ fn man(dir: &Path) -> Result<()> {
         (blobfs::cli::Cli::command(), "blobfs.1"),
         (blobfs_mkfs::cli::Cli::command(), "mkfs.blobfs.8"),
         (subdir_mount::cli::Cli::command(), "subdir-mount.8"),
+        (idmap_overlay::cli::Cli::command(), "idmap-overlay.8"),
     ];
     for (cmd, file) in pages {
         write_page(cmd.clone(), &dir.join(file))?;
