@@ -200,6 +200,27 @@ fn check_name(name: &OsStr) -> Result<(), Errno> {
     Ok(())
 }
 
+/// Every object the kernel has looked up holds a descriptor here: raise the limit on open files
+/// as far as allowed (`fs.nr_open` for root; the default 1024 is far too low for a tree of any
+/// size, and the kernel keeps looked-up inodes until memory pressure makes it forget them).
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let want = hard.max(nr_open);
+    if soft < want && setrlimit(Resource::RLIMIT_NOFILE, want, want).is_err() {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    if let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        tracing::debug!("open-file limit: {soft}");
+    }
+}
+
 impl PassthroughFs {
     /// Serve `source`. Sets the process umask to 0: modes from the kernel are already masked.
     pub fn new(
@@ -219,6 +240,7 @@ impl PassthroughFs {
         )?;
         let st = rfs::fstat(&root)?;
         nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+        raise_fd_limit();
         let root_key = (st.st_dev, st.st_ino);
         let mut table = Table {
             next: SYNTHETIC_BASE,
