@@ -26,6 +26,7 @@ install: build man
 	install -m 0755 $(REL)/mkfs-blobfs $(DESTDIR)$(SBINDIR)/mkfs.blobfs
 	# mount.blobfs is the blobfs binary under another name (it checks argv[0]).
 	ln -sf $(BINDIR)/blobfs $(DESTDIR)$(SBINDIR)/mount.blobfs
+	ln -sf $(BINDIR)/blobfs $(DESTDIR)$(SBINDIR)/mount.blobfs-store
 	install -m 0755 $(REL)/subdir-mount $(DESTDIR)$(SBINDIR)/subdir-mount
 	# mount.subdir (fstab type "subdir") is subdir-mount under another name.
 	ln -sf subdir-mount $(DESTDIR)$(SBINDIR)/mount.subdir
@@ -35,6 +36,7 @@ install: build man
 
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/blobfs $(DESTDIR)$(SBINDIR)/mkfs.blobfs $(DESTDIR)$(SBINDIR)/mount.blobfs
+	rm -f $(DESTDIR)$(SBINDIR)/mount.blobfs-store
 	rm -f $(DESTDIR)$(MANDIR)/man1/blobfs*.1 $(DESTDIR)$(MANDIR)/man8/mkfs.blobfs.8
 	rm -f $(DESTDIR)$(SBINDIR)/subdir-mount $(DESTDIR)$(SBINDIR)/mount.subdir $(DESTDIR)$(MANDIR)/man8/subdir-mount.8
 	rm -f $(DESTDIR)$(SBINDIR)/idmap-overlay $(DESTDIR)$(MANDIR)/man8/idmap-overlay.8

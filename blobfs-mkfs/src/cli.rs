@@ -33,6 +33,9 @@ pub struct Cli {
     /// Hashing threads (default: one per CPU). Does not change the output.
     #[arg(long)]
     pub threads: Option<usize>,
+    /// fsync the image before renaming it into place (durable against power loss).
+    #[arg(long)]
+    pub fsync: bool,
     /// Follow symbolic links (default: skip them).
     #[arg(long)]
     pub follow_symlinks: bool,

@@ -46,6 +46,8 @@ pub struct Options<'a> {
     pub keys: &'a [SigningKey],
     /// Show progress bars (only sensible on a terminal).
     pub progress: bool,
+    /// fsync the image before it is renamed into place.
+    pub fsync: bool,
 }
 
 /// Result of a build.
@@ -197,6 +199,7 @@ pub fn build(target: &Path, opts: &Options<'_>, cancel: &AtomicBool) -> Result<B
         &ImageSettings {
             epoch: opts.epoch,
             keys: opts.keys,
+            fsync: opts.fsync,
         },
         &|n| writing.set_position(n),
         cancel,

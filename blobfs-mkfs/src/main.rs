@@ -38,6 +38,7 @@ fn run(cli: &Cli) -> Result<(), CliError> {
         epoch: cli.epoch,
         keys: &keys,
         progress: !cli.quiet && blobfs_mkfs::stderr_is_tty(),
+        fsync: cli.fsync,
     };
     let built = build(&cli.image, &opts, &cancel).map_err(CliError::failure)?;
     if let Some(path) = &cli.manifest {

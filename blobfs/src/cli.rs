@@ -34,6 +34,55 @@ pub enum Command {
     Inspect(ImageArgs),
     /// Generate an ed25519 key pair (PKCS#8 / SPKI PEM).
     Keygen(KeygenArgs),
+    /// Writable stores: each blob written exactly once, verified, indexed in RocksDB.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StoreCommand {
+    /// Create an empty store in DIR.
+    Init { dir: PathBuf },
+    /// Mount a store: create blobs by digest (write-once), read them verified.
+    Mount(StoreMountArgs),
+    /// Add files (each becomes a blob named by its digest); prints the digests.
+    Put {
+        dir: PathBuf,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// List blobs (digest and size).
+    Ls { dir: PathBuf },
+    /// Check every blob completely and report files the index does not name.
+    Verify { dir: PathBuf },
+    /// Reclaim files of interrupted writes and removed blobs.
+    Gc { dir: PathBuf },
+    /// Write an image of all blobs (identical to mkfs.blobfs over the same contents).
+    Export {
+        dir: PathBuf,
+        image: PathBuf,
+        /// Sign with this ed25519 private key (PKCS#8 PEM); repeatable.
+        #[arg(long = "sign", value_name = "KEY.pem")]
+        sign: Vec<PathBuf>,
+        /// Image epoch (rollback protection).
+        #[arg(long, default_value_t = 0)]
+        epoch: u64,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct StoreMountArgs {
+    /// Store directory (made by `blobfs store init`).
+    pub dir: PathBuf,
+    /// Directory to mount on.
+    pub mountpoint: PathBuf,
+    /// Mount options: nodelete, uid=N, gid=N, allow_other, allow_root, auto_unmount,
+    /// threads=N, and the usual nosuid, nodev, noexec.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub options: Vec<String>,
+    /// Stay in the foreground instead of detaching once the mount is live.
+    #[arg(short, long)]
+    pub foreground: bool,
 }
 
 #[derive(Args, Debug)]

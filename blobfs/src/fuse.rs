@@ -105,10 +105,12 @@ impl BlobFs {
     }
 
     fn blob_attr(&self, idx: usize) -> FileAttr {
-        let size = self.image.entries()[idx].size;
-        let mut a = self.attr(self.inos[idx], FileType::RegularFile, 0o444, size, 1);
-        a.blocks = data_blocks(size) * 8;
-        a
+        file_attr(
+            self.inos[idx],
+            self.image.entries()[idx].size,
+            0o444,
+            self.owner,
+        )
     }
 
     fn attr(&self, ino: u64, kind: FileType, perm: u16, size: u64, nlink: u32) -> FileAttr {
@@ -370,20 +372,10 @@ impl Filesystem for BlobFs {
             Ok(i) => i,
             Err(_) => return reply.error(Errno::ENODATA),
         };
-        // struct fsverity_digest { u16 digest_algorithm; u16 digest_size; u8 digest[]; }:
-        // the caller sets digest_size to its buffer's capacity.
-        let capacity = match in_data.get(2..4) {
-            Some(b) => u16::from_le_bytes([b[0], b[1]]) as usize,
-            None => return reply.error(Errno::EINVAL),
-        };
-        if capacity < HASH_SIZE || (out_size as usize) < 4 + HASH_SIZE {
-            return reply.error(Errno::EOVERFLOW);
+        match measure_verity_reply(&self.image.entries()[idx].digest, in_data, out_size) {
+            Ok(out) => reply.ioctl(0, &out),
+            Err(e) => reply.error(e),
         }
-        let mut out = Vec::with_capacity(4 + HASH_SIZE);
-        out.extend_from_slice(&1u16.to_le_bytes()); // FS_VERITY_HASH_ALG_SHA256
-        out.extend_from_slice(&(HASH_SIZE as u16).to_le_bytes());
-        out.extend_from_slice(&self.image.entries()[idx].digest);
-        reply.ioctl(0, &out);
     }
 
     // Everything that would modify the filesystem: the mount is read-only by construction
@@ -528,7 +520,9 @@ impl Filesystem for BlobFs {
         _lock_owner: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Nothing to flush on a read-only image. ENOSYS makes the kernel stop sending FLUSH
+        // on every close, saving a round trip per file.
+        reply.error(Errno::ENOSYS);
     }
 
     fn fsync(
@@ -543,8 +537,50 @@ impl Filesystem for BlobFs {
     }
 }
 
+/// The answer to `FS_IOC_MEASURE_VERITY`: `struct fsverity_digest { u16 digest_algorithm;
+/// u16 digest_size; u8 digest[]; }`. The caller sets digest_size to its buffer's capacity.
+pub(crate) fn measure_verity_reply(
+    digest: &Hash,
+    in_data: &[u8],
+    out_size: u32,
+) -> Result<Vec<u8>, Errno> {
+    let capacity = match in_data.get(2..4) {
+        Some(b) => u16::from_le_bytes([b[0], b[1]]) as usize,
+        None => return Err(Errno::EINVAL),
+    };
+    if capacity < HASH_SIZE || (out_size as usize) < 4 + HASH_SIZE {
+        return Err(Errno::EOVERFLOW);
+    }
+    let mut out = Vec::with_capacity(4 + HASH_SIZE);
+    out.extend_from_slice(&1u16.to_le_bytes()); // FS_VERITY_HASH_ALG_SHA256
+    out.extend_from_slice(&(HASH_SIZE as u16).to_le_bytes());
+    out.extend_from_slice(digest);
+    Ok(out)
+}
+
+/// Attributes of a blob file, shared by image and store mounts so both look the same.
+pub(crate) fn file_attr(ino: u64, size: u64, perm: u16, owner: Owner) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size,
+        blocks: data_blocks(size) * 8,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm,
+        nlink: 1,
+        uid: owner.uid,
+        gid: owner.gid,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
 /// Answer a getxattr/listxattr: the size when asked for it, ERANGE when the buffer is short.
-fn reply_xattr(reply: ReplyXattr, value: &[u8], size: u32) {
+pub(crate) fn reply_xattr(reply: ReplyXattr, value: &[u8], size: u32) {
     if size == 0 {
         reply.size(value.len() as u32);
     } else if (size as usize) < value.len() {

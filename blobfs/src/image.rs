@@ -11,16 +11,16 @@ use crate::format::{
     self, ENTRY_SIZE, Entry, EntryError, HEADER_SIZE, Header, HeaderError, SignatureBlockError,
     SignatureSlot,
 };
-use crate::merkle::{BLOCK_SIZE, HASH_SIZE, Hash, TreeGeometry, fsverity_digest, hash_block};
+use crate::merkle::{BLOCK_SIZE, Hash};
 use crate::sign;
+pub use crate::verify::ReadError;
+use crate::verify::{self, Blob, BlobBytes, TreeCache};
 use ed25519_dalek::VerifyingKey;
 use sha2::{Digest as _, Sha256};
-use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 /// Largest index this implementation loads (16.7 million blobs). A header that claims more is
 /// refused before anything is allocated for it.
@@ -63,19 +63,6 @@ pub enum ImageError {
     IndexHash { path: String },
     #[error("{path}: {source}")]
     Entry { path: String, source: EntryError },
-}
-
-/// Why a read failed. Both map to EIO for clients; the log says which.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    #[error("blob {digest}: {what} block {block} failed verification")]
-    Corrupt {
-        digest: String,
-        what: &'static str,
-        block: u64,
-    },
-    #[error("blob {digest}: reading the image failed: {source}")]
-    Io { digest: String, source: io::Error },
 }
 
 /// What must hold for an image to be accepted.
@@ -258,116 +245,43 @@ impl Image {
 
     /// Read up to `len` bytes of blob `idx` at `offset`, every block verified.
     pub fn read_verified(&self, idx: usize, offset: u64, len: usize) -> Result<Vec<u8>, ReadError> {
-        let e = &self.entries[idx];
-        if offset >= e.size || len == 0 {
-            return Ok(Vec::new());
-        }
-        let end = e.size.min(offset.saturating_add(len as u64));
-        let bs = BLOCK_SIZE as u64;
-        let first = offset / bs;
-        let last = (end - 1) / bs;
-        let mut buf = vec![0u8; ((last - first + 1) * bs) as usize];
-        read_exact_at(&self.file, &mut buf, e.data_offset + first * bs).map_err(|source| {
-            ReadError::Io {
-                digest: hex::encode(e.digest),
-                source,
-            }
-        })?;
-        let geometry = TreeGeometry::new(e.size);
-        let mut leaf_block: Option<(u64, Arc<[u8]>)> = None;
-        for (k, block) in buf.chunks(BLOCK_SIZE).enumerate() {
-            let index = first + k as u64;
-            let hash = hash_block(block);
-            let ok = if geometry.levels() == 0 {
-                fsverity_digest(e.size, &hash) == e.digest
-            } else {
-                let (tb, off) = geometry.hash_location(0, index);
-                let tree = match &leaf_block {
-                    Some((b, data)) if *b == tb => data.clone(),
-                    _ => {
-                        let data = self.tree_block(idx, &geometry, tb)?;
-                        leaf_block = Some((tb, data.clone()));
-                        data
-                    }
-                };
-                tree[off..off + HASH_SIZE] == hash
-            };
-            if !ok {
-                return Err(ReadError::Corrupt {
-                    digest: hex::encode(e.digest),
-                    what: "data",
-                    block: index,
-                });
-            }
-        }
-        let skip = (offset - first * bs) as usize;
-        buf.truncate(skip + (end - offset) as usize);
-        buf.drain(..skip);
-        Ok(buf)
-    }
-
-    /// A verified tree block of blob `idx`: from the cache, or read and checked against its
-    /// parent (recursively up to the digest) and then cached.
-    fn tree_block(
-        &self,
-        idx: usize,
-        geometry: &TreeGeometry,
-        block: u64,
-    ) -> Result<Arc<[u8]>, ReadError> {
-        if let Some(b) = self.cache.get(idx, block) {
-            return Ok(b);
-        }
-        let e = &self.entries[idx];
-        let mut data = vec![0u8; BLOCK_SIZE];
-        read_exact_at(
-            &self.file,
-            &mut data,
-            e.tree_offset + block * BLOCK_SIZE as u64,
-        )
-        .map_err(|source| ReadError::Io {
-            digest: hex::encode(e.digest),
-            source,
-        })?;
-        let hash = hash_block(&data);
-        let (level, index) = geometry
-            .block_position(block)
-            .expect("tree block index comes from the geometry");
-        let ok = if level + 1 == geometry.levels() {
-            fsverity_digest(e.size, &hash) == e.digest
-        } else {
-            let (pb, off) = geometry.hash_location(level + 1, index);
-            let parent = self.tree_block(idx, geometry, pb)?;
-            parent[off..off + HASH_SIZE] == hash
-        };
-        if !ok {
-            return Err(ReadError::Corrupt {
-                digest: hex::encode(e.digest),
-                what: "Merkle tree",
-                block,
-            });
-        }
-        let data: Arc<[u8]> = data.into();
-        self.cache.insert(idx, block, data.clone());
-        Ok(data)
+        verify::read_verified(&self.blob(idx), &self.cache, offset, len)
     }
 
     /// Check every block of blob `idx`; returns the first problem.
     pub fn verify_blob(&self, idx: usize) -> Result<(), ReadError> {
-        let size = self.entries[idx].size;
-        if size == 0 && self.entries[idx].digest != fsverity_digest(0, &[0; HASH_SIZE]) {
-            return Err(ReadError::Corrupt {
-                digest: hex::encode(self.entries[idx].digest),
-                what: "empty blob",
-                block: 0,
-            });
+        verify::verify_all(&self.blob(idx), &self.cache)
+    }
+
+    fn blob(&self, idx: usize) -> Blob<ImageBlob<'_>> {
+        let e = &self.entries[idx];
+        Blob {
+            key: idx as u64,
+            digest: e.digest,
+            size: e.size,
+            bytes: ImageBlob {
+                file: &self.file,
+                entry: e,
+            },
         }
-        let step = 1 << 20;
-        let mut offset = 0;
-        while offset < size {
-            self.read_verified(idx, offset, step)?;
-            offset += step as u64;
-        }
-        Ok(())
+    }
+}
+
+/// Where one blob's bytes are inside the image file.
+struct ImageBlob<'a> {
+    file: &'a File,
+    entry: &'a Entry,
+}
+
+impl BlobBytes for ImageBlob<'_> {
+    fn read_data(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file
+            .read_exact_at(buf, self.entry.data_offset + offset)
+    }
+
+    fn read_tree(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file
+            .read_exact_at(buf, self.entry.tree_offset + offset)
     }
 }
 
@@ -375,46 +289,4 @@ fn block_device_size(file: &File) -> io::Result<u64> {
     use std::io::{Seek, SeekFrom};
     let mut f = file.try_clone()?;
     f.seek(SeekFrom::End(0))
-}
-
-/// Verified Merkle tree blocks, bounded. Data blocks are never cached here: they are checked on
-/// every read from the image (the kernel page cache keeps verified pages for the mount).
-/// (blob index, tree block) -> verified block contents.
-type TreeBlocks = HashMap<(usize, u64), Arc<[u8]>>;
-
-struct TreeCache {
-    map: Mutex<TreeBlocks>,
-    max_blocks: usize,
-}
-
-impl TreeCache {
-    fn new(bytes: usize) -> TreeCache {
-        TreeCache {
-            map: Mutex::new(HashMap::new()),
-            max_blocks: (bytes / BLOCK_SIZE).max(16),
-        }
-    }
-
-    fn get(&self, idx: usize, block: u64) -> Option<Arc<[u8]>> {
-        self.lock().get(&(idx, block)).cloned()
-    }
-
-    fn insert(&self, idx: usize, block: u64, data: Arc<[u8]>) {
-        let mut map = self.lock();
-        if map.len() >= self.max_blocks {
-            // Drop about half, arbitrarily: re-verifying a tree block is one read and one hash.
-            let keep = self.max_blocks / 2;
-            let victims: Vec<_> = map.keys().skip(keep).copied().collect();
-            for k in victims {
-                map.remove(&k);
-            }
-        }
-        map.insert((idx, block), data);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, TreeBlocks> {
-        // A panic while holding the lock cannot leave the map inconsistent (only whole inserts
-        // and removes happen under it), so a poisoned lock is still usable.
-        self.map.lock().unwrap_or_else(|e| e.into_inner())
-    }
 }

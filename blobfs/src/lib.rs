@@ -12,9 +12,11 @@ pub mod image;
 pub mod merkle;
 pub mod mount;
 pub mod sign;
+pub mod verify;
 pub mod writer;
 
 /// A digest as blobs are named: 64 lowercase hex digits.
 pub fn hex_digest(d: &merkle::Hash) -> String {
     hex::encode(d)
 }
+pub mod store;

@@ -1,10 +1,11 @@
 //! `blobfs`: mount, verify and inspect blobfs images; also `mount.blobfs` for mount(8).
 
-use blobfs::cli::{Cli, Command};
+use blobfs::cli::{Cli, Command, StoreCommand};
 use blobfs::image::{Image, OpenOptions};
 use blobfs::merkle::parse_digest;
-use blobfs::mount::{MountRequest, mount};
+use blobfs::mount::{Kind, MountRequest, mount};
 use blobfs::sign;
+use blobfs::store::{Added, Store};
 use clap::Parser;
 use cli_common::{CliError, options};
 use std::io::Write;
@@ -15,16 +16,25 @@ fn main() -> ExitCode {
     // Installed as `mount.blobfs` too (a link to this binary): mount(8) runs helpers with its
     // own calling convention.
     let argv0 = std::env::args_os().next().unwrap_or_default();
-    if Path::new(&argv0).file_name() == Some("mount.blobfs".as_ref()) {
-        cli_common::logging::init("mount.blobfs", 1);
+    let helper = Path::new(&argv0).file_name().and_then(|n| n.to_str());
+    if let Some(name @ ("mount.blobfs" | "mount.blobfs-store")) = helper {
+        let kind = if name == "mount.blobfs" {
+            Kind::Image
+        } else {
+            Kind::Store
+        };
+        cli_common::logging::init(name, 1);
         let args: Vec<_> = std::env::args_os().skip(1).collect();
-        return cli_common::run("mount.blobfs", || {
+        return cli_common::run(name, || {
             let req = blobfs::mount::parse_helper_args(&args)?;
-            mount(&req)
+            mount(&req, kind)
         });
     }
     let cli = Cli::parse();
-    let daemon = matches!(cli.command, Command::Mount(_));
+    let daemon = matches!(
+        cli.command,
+        Command::Mount(_) | Command::Store(StoreCommand::Mount(_))
+    );
     // Daemons log at info by default; one-shot tools only warn unless asked.
     cli_common::logging::init("blobfs", cli.verbose + u8::from(daemon));
     cli_common::run("blobfs", || run(cli.command))
@@ -32,13 +42,17 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<(), CliError> {
     match command {
-        Command::Mount(a) => mount(&MountRequest {
-            image: a.image,
-            mountpoint: a.mountpoint,
-            keys: a.keys,
-            options: a.options.iter().flat_map(|o| options::parse(o)).collect(),
-            foreground: a.foreground,
-        }),
+        Command::Mount(a) => mount(
+            &MountRequest {
+                source: a.image,
+                mountpoint: a.mountpoint,
+                keys: a.keys,
+                options: a.options.iter().flat_map(|o| options::parse(o)).collect(),
+                foreground: a.foreground,
+            },
+            Kind::Image,
+        ),
+        Command::Store(c) => store_command(c),
         Command::Verify(a) => verify(&a.image, &a.keys),
         Command::Ls(a) => ls(&a.image, a.json),
         Command::Cat(a) => cat(&a.image, &a.digest),
@@ -204,4 +218,91 @@ fn keygen(private: &Path, public: Option<PathBuf>) -> Result<(), CliError> {
         hex::encode(sign::key_id(&key))
     );
     Ok(())
+}
+
+fn store_command(c: StoreCommand) -> Result<(), CliError> {
+    let open = |dir: &Path| Store::open(dir).map_err(CliError::failure);
+    match c {
+        StoreCommand::Init { dir } => {
+            Store::init(&dir).map_err(CliError::failure)?;
+            println!("{}: empty store created", dir.display());
+            Ok(())
+        }
+        StoreCommand::Mount(a) => mount(
+            &MountRequest {
+                source: a.dir,
+                mountpoint: a.mountpoint,
+                keys: Vec::new(),
+                options: a.options.iter().flat_map(|o| options::parse(o)).collect(),
+                foreground: a.foreground,
+            },
+            Kind::Store,
+        ),
+        StoreCommand::Put { dir, files } => {
+            let store = open(&dir)?;
+            for f in files {
+                let (digest, note) = match store.put_file(&f).map_err(CliError::failure)? {
+                    Added::New(d) => (d, ""),
+                    Added::AlreadyPresent(d) => (d, " (already present)"),
+                };
+                println!("{} {}{note}", hex::encode(digest), f.display());
+            }
+            Ok(())
+        }
+        StoreCommand::Ls { dir } => {
+            for (d, r) in open(&dir)?.list().map_err(CliError::failure)? {
+                println!("{} {}", hex::encode(d), r.size);
+            }
+            Ok(())
+        }
+        StoreCommand::Verify { dir } => {
+            let store = open(&dir)?;
+            let problems = store.verify().map_err(CliError::failure)?;
+            for p in &problems {
+                println!("BAD {p}");
+            }
+            let n = store.list().map_err(CliError::failure)?.len();
+            if problems.is_empty() {
+                println!("{}: OK, {n} blobs verified", dir.display());
+                Ok(())
+            } else {
+                Err(CliError::failure(format!(
+                    "{}: {} problems found",
+                    dir.display(),
+                    problems.len()
+                )))
+            }
+        }
+        StoreCommand::Gc { dir } => {
+            let (files, bytes) = open(&dir)?.gc().map_err(CliError::failure)?;
+            println!("{}: reclaimed {files} files, {bytes} bytes", dir.display());
+            Ok(())
+        }
+        StoreCommand::Export {
+            dir,
+            image,
+            sign,
+            epoch,
+        } => {
+            let keys = sign
+                .iter()
+                .map(|k| sign::load_signing_key(k))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(CliError::failure)?;
+            let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(sig, cancel.clone()).map_err(CliError::failure)?;
+            }
+            let w = open(&dir)?
+                .export(&image, epoch, &keys, &cancel)
+                .map_err(CliError::failure)?;
+            println!(
+                "{}: {} blobs, {} bytes",
+                image.display(),
+                w.blobs,
+                w.image_size
+            );
+            Ok(())
+        }
+    }
 }

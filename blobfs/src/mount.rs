@@ -3,6 +3,8 @@
 use crate::fuse::{BlobFs, Layout, Owner};
 use crate::image::{Image, OpenOptions};
 use crate::sign;
+use crate::store::Store;
+use crate::store::fuse::{StoreFs, StoreMountOptions};
 use cli_common::CliError;
 use cli_common::options::{self, MountOpt};
 use fuser::{MountOption, SessionACL};
@@ -19,15 +21,25 @@ const READY: &str = "ready";
 /// Everything a mount needs, after parsing.
 #[derive(Debug, Clone)]
 pub struct MountRequest {
-    pub image: PathBuf,
+    pub source: PathBuf,
     pub mountpoint: PathBuf,
     pub keys: Vec<PathBuf>,
     pub options: Vec<MountOpt>,
     pub foreground: bool,
 }
 
+/// What is being mounted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A read-only image (`blobfs mount`, `mount.blobfs`).
+    Image,
+    /// A writable store directory (`blobfs store mount`, `mount.blobfs-store`).
+    Store,
+}
+
 #[derive(Debug)]
 struct Settings {
+    nodelete: bool,
     keys: Vec<PathBuf>,
     layout: Layout,
     owner: Owner,
@@ -38,8 +50,9 @@ struct Settings {
     vfs: Vec<MountOption>,
 }
 
-fn parse_settings(req: &MountRequest) -> Result<Settings, CliError> {
+fn parse_settings(req: &MountRequest, kind: Kind) -> Result<Settings, CliError> {
     let mut s = Settings {
+        nodelete: false,
         keys: req.keys.clone(),
         layout: Layout::Flat,
         owner: Owner {
@@ -63,7 +76,13 @@ fn parse_settings(req: &MountRequest) -> Result<Settings, CliError> {
                 .parse()
                 .map_err(|_| CliError::usage(format!("mount option {}: not a number", o.key)))
         };
+        let image_only =
+            |k: &str| CliError::usage(format!("mount option {k} applies to images, not stores"));
         match o.key.as_str() {
+            "key" | "layout" | "min_epoch" if kind == Kind::Store => {
+                return Err(image_only(&o.key));
+            }
+            "nodelete" if kind == Kind::Store => s.nodelete = true,
             "key" => s.keys.push(PathBuf::from(value("path")?)),
             "layout" => {
                 s.layout = match value("layout")?.as_str() {
@@ -85,12 +104,17 @@ fn parse_settings(req: &MountRequest) -> Result<Settings, CliError> {
             "threads" => {
                 s.threads = number("number")?.clamp(1, 64) as usize;
             }
-            "rw" => {
+            "rw" if kind == Kind::Image => {
                 return Err(CliError::usage(
                     "blobfs images are read-only; the rw option is not supported",
                 ));
             }
-            "ro" | "default_permissions" => {}
+            "ro" if kind == Kind::Store => {
+                return Err(CliError::usage(
+                    "a store mount accepts new blobs; mount an exported image for read-only use",
+                ));
+            }
+            "ro" | "rw" | "default_permissions" => {}
             "nosuid" => s.vfs.push(MountOption::NoSuid),
             "suid" => s.vfs.push(MountOption::Suid),
             "nodev" => s.vfs.push(MountOption::NoDev),
@@ -116,8 +140,8 @@ fn id_value(v: &str) -> Result<u32, CliError> {
 }
 
 /// Validate, then serve in the foreground or as a daemon that returns once the mount is live.
-pub fn mount(req: &MountRequest) -> Result<(), CliError> {
-    let settings = parse_settings(req)?;
+pub fn mount(req: &MountRequest, kind: Kind) -> Result<(), CliError> {
+    let settings = parse_settings(req, kind)?;
     let meta = std::fs::metadata(&req.mountpoint)
         .map_err(|e| CliError::failure(format!("mount point {}: {e}", req.mountpoint.display())))?;
     if !meta.is_dir() {
@@ -126,15 +150,45 @@ pub fn mount(req: &MountRequest) -> Result<(), CliError> {
             req.mountpoint.display()
         )));
     }
-    // Open (and so validate) the image before daemonizing, so a bad image or key is reported
-    // by the command the user ran, with its exit status.
+    // Open (and so validate) the source before daemonizing, so a bad image, key or store is
+    // reported by the command the user ran, with its exit status.
     let is_child = std::env::var_os(DAEMON_CHILD_ENV).is_some();
     let will_serve = req.foreground || is_child;
-    let image = open_image(&req.image, &settings, will_serve)?;
-    if !will_serve {
-        return spawn_daemon();
+    match kind {
+        Kind::Image => {
+            let image = open_image(&req.source, &settings, will_serve)?;
+            if !will_serve {
+                return spawn_daemon();
+            }
+            let blobs = image.entries().len();
+            let fs = BlobFs::new(Arc::new(image), settings.layout, settings.owner);
+            serve(
+                fs,
+                req,
+                &settings,
+                true,
+                is_child,
+                &format!("{blobs} blobs"),
+            )
+        }
+        Kind::Store => {
+            let store = Store::open(&req.source).map_err(CliError::failure)?;
+            if !will_serve {
+                // The index allows one process at a time: release it for the daemon.
+                drop(store);
+                return spawn_daemon();
+            }
+            let fs = StoreFs::new(
+                Arc::new(store),
+                StoreMountOptions {
+                    owner: settings.owner,
+                    nodelete: settings.nodelete,
+                },
+            )
+            .map_err(CliError::failure)?;
+            serve(fs, req, &settings, false, is_child, "store")
+        }
     }
-    serve(image, req, &settings, is_child)
 }
 
 /// Open and validate the image; `report` logs how it was authenticated (only the process that
@@ -198,17 +252,26 @@ fn spawn_daemon() -> Result<(), CliError> {
     std::process::exit(if status == 0 { 1 } else { status });
 }
 
-fn serve(image: Image, req: &MountRequest, s: &Settings, is_child: bool) -> Result<(), CliError> {
+fn serve(
+    fs: impl fuser::Filesystem,
+    req: &MountRequest,
+    s: &Settings,
+    read_only: bool,
+    is_child: bool,
+    what: &str,
+) -> Result<(), CliError> {
     if is_child {
         // Leave the caller's session so its terminal hangup does not reach the daemon.
         let _ = nix::unistd::setsid();
     }
-    let blobs = image.entries().len();
-    let fs = BlobFs::new(Arc::new(image), s.layout, s.owner);
     let mut mount_options = vec![
-        MountOption::FSName(req.image.display().to_string()),
-        MountOption::Subtype("blobfs".into()),
-        MountOption::RO,
+        MountOption::FSName(req.source.display().to_string()),
+        MountOption::Subtype(if read_only { "blobfs" } else { "blobfs-store" }.into()),
+        if read_only {
+            MountOption::RO
+        } else {
+            MountOption::RW
+        },
         MountOption::DefaultPermissions,
     ];
     mount_options.extend(s.vfs.iter().cloned());
@@ -248,8 +311,8 @@ fn serve(image: Image, req: &MountRequest, s: &Settings, is_child: bool) -> Resu
         }
     });
     tracing::info!(
-        "serving {} ({blobs} blobs) on {}",
-        req.image.display(),
+        "serving {} ({what}) on {}",
+        req.source.display(),
         req.mountpoint.display()
     );
     if is_child {
@@ -328,7 +391,8 @@ pub fn parse_helper_args(args: &[std::ffi::OsString]) -> Result<MountRequest, Cl
             Some("-s" | "-n" | "-v" | "-r" | "-w") => {}
             Some("-h" | "--help") => {
                 return Err(CliError::usage(
-                    "usage: mount.blobfs IMAGE DIR [-o key=PUB.pem,layout=objects,uid=N,...]",
+                    "usage: mount.blobfs IMAGE DIR [-o key=PUB.pem,layout=objects,uid=N,...]\n       \
+                     mount.blobfs-store STORE DIR [-o nodelete,uid=N,...]",
                 ));
             }
             Some(s) if s.starts_with('-') && s.len() > 1 => {
@@ -338,9 +402,9 @@ pub fn parse_helper_args(args: &[std::ffi::OsString]) -> Result<MountRequest, Cl
         }
     }
     let [image, mountpoint] = <[PathBuf; 2]>::try_from(positional)
-        .map_err(|_| CliError::usage("usage: mount.blobfs IMAGE DIR [-o OPTIONS]"))?;
+        .map_err(|_| CliError::usage("usage: mount.blobfs[-store] SOURCE DIR [-o OPTIONS]"))?;
     Ok(MountRequest {
-        image,
+        source: image,
         mountpoint,
         keys: Vec::new(),
         options: opts,
@@ -354,7 +418,7 @@ mod tests {
 
     fn req(o: &str) -> MountRequest {
         MountRequest {
-            image: "i".into(),
+            source: "i".into(),
             mountpoint: "m".into(),
             keys: vec![],
             options: options::parse(o),
@@ -364,16 +428,29 @@ mod tests {
 
     #[test]
     fn options_are_parsed_and_checked() {
-        let s = parse_settings(&req("ro,layout=objects,uid=7,gid=8,key=/k,noauto,nodev")).unwrap();
+        let s = parse_settings(
+            &req("ro,layout=objects,uid=7,gid=8,key=/k,noauto,nodev"),
+            Kind::Image,
+        )
+        .unwrap();
         assert_eq!(s.layout, Layout::Objects);
         assert_eq!((s.owner.uid, s.owner.gid), (7, 8));
         assert_eq!(s.keys, vec![PathBuf::from("/k")]);
         for bad in ["rw", "layout=tree", "uid=bob", "frobnicate", "key"] {
-            let e = parse_settings(&req(bad)).unwrap_err();
+            let e = parse_settings(&req(bad), Kind::Image).unwrap_err();
             assert_eq!(e.code, cli_common::EXIT_USAGE, "{bad}");
         }
-        let s = parse_settings(&req("auto_unmount")).unwrap();
+        let s = parse_settings(&req("auto_unmount"), Kind::Image).unwrap();
         assert_eq!(s.acl, SessionACL::RootAndOwner);
+        assert!(
+            parse_settings(&req("nodelete,rw"), Kind::Store)
+                .unwrap()
+                .nodelete
+        );
+        for bad in ["ro", "key=/k", "layout=objects", "nodelete_typo"] {
+            assert!(parse_settings(&req(bad), Kind::Store).is_err(), "{bad}");
+        }
+        assert!(parse_settings(&req("nodelete"), Kind::Image).is_err());
     }
 
     #[test]
@@ -384,7 +461,7 @@ mod tests {
                 .map(Into::into)
                 .collect();
         let r = parse_helper_args(&args).unwrap();
-        assert_eq!(r.image, PathBuf::from("img"));
+        assert_eq!(r.source, PathBuf::from("img"));
         assert_eq!(r.options.len(), 2);
         assert!(parse_helper_args(&args[..1]).is_err());
     }

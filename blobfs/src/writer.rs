@@ -11,12 +11,13 @@ use crate::format::{
 use crate::merkle::{BLOCK_SIZE, Hash, MerkleTree};
 use crate::sign;
 use ed25519_dalek::SigningKey;
+use rayon::prelude::*;
 use sha2::{Digest as _, Sha256};
 use std::fs::{self, File};
-use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::MetadataExt;
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Identity of a source file when it was hashed. If any of it differs when the data is copied,
 /// the file changed in between and the image would not match its index: refuse.
@@ -80,6 +81,10 @@ pub enum WriteError {
 pub struct ImageSettings<'a> {
     pub epoch: u64,
     pub keys: &'a [SigningKey],
+    /// fsync the image before renaming it into place. Off by default, as for mkfs.erofs and
+    /// mksquashfs: after a power loss an unsynced image may be incomplete, and readers refuse
+    /// an incomplete image (truncated or failing verification), never serve it.
+    pub fsync: bool,
 }
 
 /// Summary of a written image.
@@ -178,47 +183,54 @@ pub fn write_image(
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
         .tempfile_in(&dir)
         .map_err(io_err(&dir))?;
-    let mut out = tmp.as_file();
+    let out = tmp.as_file();
     let w = io_err(tmp.path());
-
-    let mut block0 = vec![0u8; BLOCK_SIZE];
-    block0[..HEADER_SIZE].copy_from_slice(&encoded);
-    out.write_all(&block0).map_err(&w)?;
-    out.write_all(&format::encode_signature_block(&slots))
-        .map_err(&w)?;
-    write_padded(&mut out, &index).map_err(&w)?;
-    for b in &blobs {
-        out.write_all(&b.tree.tree).map_err(&w)?;
-    }
-    debug_assert_eq!(out.stream_position().ok(), Some(data_offset));
-    let mut copied = 0u64;
+    // Pre-size the file: block padding and gaps are then holes that read as zeros, and every
+    // region can be written at its offset, in parallel.
+    out.set_len(header.image_size).map_err(&w)?;
+    out.write_all_at(&encoded, 0).map_err(&w)?;
+    out.write_all_at(
+        &format::encode_signature_block(&slots),
+        format::SIGNATURE_BLOCK_OFFSET,
+    )
+    .map_err(&w)?;
+    out.write_all_at(&index, INDEX_OFFSET).map_err(&w)?;
     for (b, e) in blobs.iter().zip(&entries) {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(WriteError::Cancelled);
+        if !b.tree.tree.is_empty() {
+            out.write_all_at(&b.tree.tree, e.tree_offset).map_err(&w)?;
         }
-        if e.size == 0 {
-            continue;
-        }
-        out.seek(SeekFrom::Start(e.data_offset)).map_err(&w)?;
-        match &b.content {
-            Content::Memory(data) => write_padded(&mut out, data).map_err(&w)?,
-            Content::File { path, stamp } => {
-                copy_file(path, stamp, e.size, &mut out, cancel)?;
-                pad_to_block(&mut out, e.size).map_err(&w)?;
-            }
-        }
-        copied += e.size;
-        progress(copied);
     }
-    out.sync_all().map_err(&w)?;
+    let copied = AtomicU64::new(0);
+    blobs
+        .par_iter()
+        .zip(entries.par_iter())
+        .filter(|(_, e)| e.size > 0)
+        .try_for_each(|(b, e)| -> Result<(), WriteError> {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(WriteError::Cancelled);
+            }
+            match &b.content {
+                Content::Memory(data) => out.write_all_at(data, e.data_offset).map_err(&w)?,
+                Content::File { path, stamp } => {
+                    copy_file(path, stamp, e.size, out, e.data_offset, cancel)?
+                }
+            }
+            progress(copied.fetch_add(e.size, Ordering::Relaxed) + e.size);
+            Ok(())
+        })?;
+    if settings.fsync {
+        out.sync_all().map_err(&w)?;
+    }
     tmp.persist(target).map_err(|e| WriteError::Io {
         path: target.display().to_string(),
         source: e.error,
     })?;
-    // Make the rename itself durable.
-    File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(&dir))?;
+    if settings.fsync {
+        // Make the rename itself durable.
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&dir))?;
+    }
     Ok(Written {
         blobs: count,
         image_size: header.image_size,
@@ -226,24 +238,15 @@ pub fn write_image(
     })
 }
 
-fn write_padded(out: &mut impl Write, data: &[u8]) -> io::Result<()> {
-    out.write_all(data)?;
-    let pad = data.len().next_multiple_of(BLOCK_SIZE) - data.len();
-    out.write_all(&vec![0u8; pad])
-}
-
-fn pad_to_block(out: &mut impl Write, size: u64) -> io::Result<()> {
-    let pad = size.next_multiple_of(BLOCK_SIZE as u64) - size;
-    out.write_all(&vec![0u8; pad as usize])
-}
-
-/// Copy exactly `size` bytes of `path` (kernel-side copy where possible) and make sure the
-/// file is the one that was hashed, unchanged before and after.
+/// Copy exactly `size` bytes of `path` to `out` at `offset` (kernel-side copy where the
+/// filesystems allow it) and make sure the file is the one that was hashed, unchanged before
+/// and after.
 fn copy_file(
     path: &Path,
     stamp: &FileStamp,
     size: u64,
-    out: &mut &File,
+    out: &File,
+    offset: u64,
     cancel: &AtomicBool,
 ) -> Result<(), WriteError> {
     let shown = || path.display().to_string();
@@ -255,27 +258,60 @@ fn copy_file(
     if FileStamp::of(&src.metadata().map_err(rerr)?) != *stamp {
         return Err(WriteError::Changed(shown()));
     }
-    let mut remaining = size;
-    let mut reader = &src;
-    while remaining > 0 {
+    let mut off_in: i64 = 0;
+    let mut off_out = offset as i64;
+    let mut fallback = false;
+    while (off_in as u64) < size {
         if cancel.load(Ordering::Relaxed) {
             return Err(WriteError::Cancelled);
         }
-        let step = remaining.min(64 << 20);
-        let n =
-            io::copy(&mut Read::take(&mut reader, step), out).map_err(|source| WriteError::Io {
-                path: shown(),
-                source,
-            })?;
+        let want = (size - off_in as u64).min(64 << 20) as usize;
+        let n = if fallback {
+            copy_by_buffer(&src, off_in as u64, out, off_out as u64, want).map_err(rerr)?
+        } else {
+            match nix::fcntl::copy_file_range(
+                &src,
+                Some(&mut off_in),
+                out,
+                Some(&mut off_out),
+                want,
+            ) {
+                Ok(n) => {
+                    // copy_file_range advanced both offsets itself.
+                    if n == 0 {
+                        return Err(WriteError::Changed(shown()));
+                    }
+                    continue;
+                }
+                Err(
+                    nix::errno::Errno::EXDEV
+                    | nix::errno::Errno::ENOSYS
+                    | nix::errno::Errno::EINVAL
+                    | nix::errno::Errno::EOPNOTSUPP,
+                ) => {
+                    fallback = true;
+                    continue;
+                }
+                Err(e) => return Err(rerr(io::Error::from(e))),
+            }
+        };
         if n == 0 {
             return Err(WriteError::Changed(shown()));
         }
-        remaining -= n;
+        off_in += n as i64;
+        off_out += n as i64;
     }
     if FileStamp::of(&src.metadata().map_err(rerr)?) != *stamp {
         return Err(WriteError::Changed(shown()));
     }
     Ok(())
+}
+
+fn copy_by_buffer(src: &File, from: u64, out: &File, to: u64, len: usize) -> io::Result<usize> {
+    let mut buf = vec![0u8; len.min(1 << 20)];
+    let n = src.read_at(&mut buf, from)?;
+    out.write_all_at(&buf[..n], to)?;
+    Ok(n)
 }
 
 /// Open a source file for reading without following a final symlink and without blocking

@@ -1,0 +1,197 @@
+//! Verified reads of one blob, wherever its bytes live (an image, a store's files).
+//!
+//! Every data block returned has been hashed and compared with its leaf hash, and every tree
+//! block on the way has been checked against its parent up to the blob's digest. Verified tree
+//! blocks are kept in a bounded cache (their bytes, never just the fact that they were once
+//! good: the storage may change underneath). Data blocks are not cached here.
+
+use crate::merkle::{BLOCK_SIZE, HASH_SIZE, Hash, TreeGeometry, fsverity_digest, hash_block};
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+/// Access to one blob's stored data (whole blocks, the last one zero-padded) and Merkle tree.
+pub trait BlobBytes {
+    fn read_data(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    fn read_tree(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
+/// A blob to read: its expected digest and size, and where its bytes are.
+pub struct Blob<B: BlobBytes> {
+    /// Identifies the blob in the tree cache (unique per cache).
+    pub key: u64,
+    pub digest: Hash,
+    pub size: u64,
+    pub bytes: B,
+}
+
+/// Why a read failed. Both map to EIO for clients; the log says which.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("blob {digest}: {what} block {block} failed verification")]
+    Corrupt {
+        digest: String,
+        what: &'static str,
+        block: u64,
+    },
+    #[error("blob {digest}: reading its storage failed: {source}")]
+    Io { digest: String, source: io::Error },
+}
+
+/// Read up to `len` bytes at `offset`, every block verified.
+pub fn read_verified(
+    blob: &Blob<impl BlobBytes>,
+    cache: &TreeCache,
+    offset: u64,
+    len: usize,
+) -> Result<Vec<u8>, ReadError> {
+    if offset >= blob.size || len == 0 {
+        return Ok(Vec::new());
+    }
+    let end = blob.size.min(offset.saturating_add(len as u64));
+    let bs = BLOCK_SIZE as u64;
+    let first = offset / bs;
+    let last = (end - 1) / bs;
+    let mut buf = vec![0u8; ((last - first + 1) * bs) as usize];
+    blob.bytes
+        .read_data(first * bs, &mut buf)
+        .map_err(|source| ReadError::Io {
+            digest: hex::encode(blob.digest),
+            source,
+        })?;
+    let geometry = TreeGeometry::new(blob.size);
+    let mut leaf_block: Option<(u64, Arc<[u8]>)> = None;
+    for (k, block) in buf.chunks(BLOCK_SIZE).enumerate() {
+        let index = first + k as u64;
+        let hash = hash_block(block);
+        let ok = if geometry.levels() == 0 {
+            fsverity_digest(blob.size, &hash) == blob.digest
+        } else {
+            let (tb, off) = geometry.hash_location(0, index);
+            let tree = match &leaf_block {
+                Some((b, data)) if *b == tb => data.clone(),
+                _ => {
+                    let data = tree_block(blob, cache, &geometry, tb)?;
+                    leaf_block = Some((tb, data.clone()));
+                    data
+                }
+            };
+            tree[off..off + HASH_SIZE] == hash
+        };
+        if !ok {
+            return Err(ReadError::Corrupt {
+                digest: hex::encode(blob.digest),
+                what: "data",
+                block: index,
+            });
+        }
+    }
+    let skip = (offset - first * bs) as usize;
+    buf.truncate(skip + (end - offset) as usize);
+    buf.drain(..skip);
+    Ok(buf)
+}
+
+/// A verified tree block: from the cache, or read and checked against its parent (recursively
+/// up to the digest) and then cached.
+fn tree_block(
+    blob: &Blob<impl BlobBytes>,
+    cache: &TreeCache,
+    geometry: &TreeGeometry,
+    block: u64,
+) -> Result<Arc<[u8]>, ReadError> {
+    if let Some(b) = cache.get(blob.key, block) {
+        return Ok(b);
+    }
+    let mut data = vec![0u8; BLOCK_SIZE];
+    blob.bytes
+        .read_tree(block * BLOCK_SIZE as u64, &mut data)
+        .map_err(|source| ReadError::Io {
+            digest: hex::encode(blob.digest),
+            source,
+        })?;
+    let hash = hash_block(&data);
+    let (level, index) = geometry
+        .block_position(block)
+        .expect("tree block index comes from the geometry");
+    let ok = if level + 1 == geometry.levels() {
+        fsverity_digest(blob.size, &hash) == blob.digest
+    } else {
+        let (pb, off) = geometry.hash_location(level + 1, index);
+        let parent = tree_block(blob, cache, geometry, pb)?;
+        parent[off..off + HASH_SIZE] == hash
+    };
+    if !ok {
+        return Err(ReadError::Corrupt {
+            digest: hex::encode(blob.digest),
+            what: "Merkle tree",
+            block,
+        });
+    }
+    let data: Arc<[u8]> = data.into();
+    cache.insert(blob.key, block, data.clone());
+    Ok(data)
+}
+
+/// Check every block of a blob; returns the first problem.
+pub fn verify_all(blob: &Blob<impl BlobBytes>, cache: &TreeCache) -> Result<(), ReadError> {
+    if blob.size == 0 && blob.digest != fsverity_digest(0, &[0; HASH_SIZE]) {
+        return Err(ReadError::Corrupt {
+            digest: hex::encode(blob.digest),
+            what: "empty blob",
+            block: 0,
+        });
+    }
+    let step = 1 << 20;
+    let mut offset = 0;
+    while offset < blob.size {
+        read_verified(blob, cache, offset, step)?;
+        offset += step as u64;
+    }
+    Ok(())
+}
+
+/// (blob key, tree block) -> verified block contents.
+type TreeBlocks = HashMap<(u64, u64), Arc<[u8]>>;
+
+/// Verified Merkle tree blocks, bounded.
+pub struct TreeCache {
+    map: Mutex<TreeBlocks>,
+    max_blocks: usize,
+}
+
+impl TreeCache {
+    pub fn new(bytes: usize) -> TreeCache {
+        TreeCache {
+            map: Mutex::new(HashMap::new()),
+            max_blocks: (bytes / BLOCK_SIZE).max(16),
+        }
+    }
+
+    fn get(&self, key: u64, block: u64) -> Option<Arc<[u8]>> {
+        self.lock().get(&(key, block)).cloned()
+    }
+
+    fn insert(&self, key: u64, block: u64, data: Arc<[u8]>) {
+        let mut map = self.lock();
+        if map.len() >= self.max_blocks {
+            // Drop about half, arbitrarily: re-verifying a tree block is one read and one hash.
+            let keep = self.max_blocks / 2;
+            let victims: Vec<_> = map.keys().skip(keep).copied().collect();
+            for k in victims {
+                map.remove(&k);
+            }
+        }
+        map.insert((key, block), data);
+    }
+
+    /// Forget everything about one blob (it was deleted; its key may be reused).
+    pub fn forget(&self, key: u64) {
+        self.lock().retain(|(k, _), _| *k != key);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TreeBlocks> {
+        // Only whole inserts and removes happen under the lock, so a poisoned one is intact.
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
