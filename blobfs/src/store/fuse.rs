@@ -459,7 +459,7 @@ impl Filesystem for StoreFs {
         }
         // O_TRUNC on the new file arrives as a truncate to 0 before any data: not a size
         // announcement (an empty blob is made by closing without writing).
-        if let Some(size) = size.filter(|&s| s > 0 || w.hasher.len() > 0) {
+        if let Some(size) = size.filter(|&s| s > 0 || !w.hasher.is_empty()) {
             if size < w.hasher.len() {
                 return reply.error(Errno::EINVAL);
             }
