@@ -6,17 +6,14 @@ use crate::sign;
 use crate::store::Store;
 use crate::store::fuse::{StoreFs, StoreMountOptions};
 use cli_common::CliError;
+use cli_common::daemon::{self, Daemon};
 use cli_common::options::{self, MountOpt};
 use fuser::{MountOption, SessionACL};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-/// Set in the environment of the re-executed daemon child; its stdout is the readiness pipe.
-const DAEMON_CHILD_ENV: &str = "BLOBFS_DAEMON_CHILD";
-const READY: &str = "ready";
+/// The re-executed daemon child is marked by this environment variable.
+const DAEMON: Daemon = Daemon::new("BLOBFS_DAEMON_CHILD");
 
 /// Everything a mount needs, after parsing.
 #[derive(Debug, Clone)]
@@ -152,13 +149,12 @@ pub fn mount(req: &MountRequest, kind: Kind) -> Result<(), CliError> {
     }
     // Open (and so validate) the source before daemonizing, so a bad image, key or store is
     // reported by the command the user ran, with its exit status.
-    let is_child = std::env::var_os(DAEMON_CHILD_ENV).is_some();
-    let will_serve = req.foreground || is_child;
+    let will_serve = req.foreground || DAEMON.is_child();
     match kind {
         Kind::Image => {
             let image = open_image(&req.source, &settings, will_serve)?;
             if !will_serve {
-                return spawn_daemon();
+                return DAEMON.spawn();
             }
             let blobs = image.entries().len();
             let fs = BlobFs::new(Arc::new(image), settings.layout, settings.owner);
@@ -167,7 +163,6 @@ pub fn mount(req: &MountRequest, kind: Kind) -> Result<(), CliError> {
                 req,
                 &settings,
                 true,
-                is_child,
                 &format!("{blobs} blobs"),
             )
         }
@@ -176,7 +171,7 @@ pub fn mount(req: &MountRequest, kind: Kind) -> Result<(), CliError> {
             if !will_serve {
                 // The index allows one process at a time: release it for the daemon.
                 drop(store);
-                return spawn_daemon();
+                return DAEMON.spawn();
             }
             let fs = StoreFs::new(
                 Arc::new(store),
@@ -186,7 +181,7 @@ pub fn mount(req: &MountRequest, kind: Kind) -> Result<(), CliError> {
                 },
             )
             .map_err(CliError::failure)?;
-            serve(fs, req, &settings, false, is_child, "store")
+            serve(fs, req, &settings, false, "store")
         }
     }
 }
@@ -225,45 +220,14 @@ fn open_image(path: &Path, s: &Settings, report: bool) -> Result<Image, CliError
     Ok(image)
 }
 
-/// Re-run this program as a detached child with the same arguments and wait until it reports
-/// that the mount is live (or dies). No fork() in a process that may have threads.
-fn spawn_daemon() -> Result<(), CliError> {
-    let exe = std::env::current_exe()
-        .map_err(|e| CliError::failure(format!("cannot find own executable: {e}")))?;
-    // Keep argv[0]: `mount.blobfs` and `blobfs mount` parse their arguments differently.
-    let argv0 = std::env::args_os().next().unwrap_or_default();
-    let mut child = Command::new(exe)
-        .arg0(argv0)
-        .args(std::env::args_os().skip(1))
-        .env(DAEMON_CHILD_ENV, "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| CliError::failure(format!("cannot start the mount daemon: {e}")))?;
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut line = String::new();
-    let _ = BufReader::new(stdout).read_line(&mut line);
-    if line.trim() == READY {
-        return Ok(());
-    }
-    // The child has printed its own error; exit with its status.
-    let status = child.wait().ok().and_then(|s| s.code()).unwrap_or(1);
-    std::process::exit(if status == 0 { 1 } else { status });
-}
-
 fn serve(
     fs: impl fuser::Filesystem,
     req: &MountRequest,
     s: &Settings,
     read_only: bool,
-    is_child: bool,
     what: &str,
 ) -> Result<(), CliError> {
-    if is_child {
-        // Leave the caller's session so its terminal hangup does not reach the daemon.
-        let _ = nix::unistd::setsid();
-    }
+    DAEMON.start_child();
     let mut mount_options = vec![
         MountOption::FSName(req.source.display().to_string()),
         MountOption::Subtype(if read_only { "blobfs" } else { "blobfs-store" }.into()),
@@ -297,76 +261,18 @@ fn serve(
             req.mountpoint.display()
         ))
     })?;
-    let mountpoint = std::fs::canonicalize(&req.mountpoint).unwrap_or(req.mountpoint.clone());
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGHUP,
-    ])
-    .map_err(|e| CliError::failure(format!("cannot install signal handlers: {e}")))?;
-    std::thread::spawn(move || {
-        for sig in signals.forever() {
-            tracing::info!("signal {sig}: unmounting {}", mountpoint.display());
-            unmount_gracefully(&mountpoint);
-        }
-    });
+    daemon::unmount_on_signals(&req.mountpoint)?;
     tracing::info!(
         "serving {} ({what}) on {}",
         req.source.display(),
         req.mountpoint.display()
     );
-    if is_child {
-        let mut out = std::io::stdout();
-        let _ = writeln!(out, "{READY}");
-        let _ = out.flush();
-        cli_common::logging::detach_to_syslog();
-        if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-            let _ = nix::unistd::dup2_stdout(&null);
-            let _ = nix::unistd::dup2_stderr(&null);
-        }
-    }
+    DAEMON.announce_ready();
     session
         .run()
         .map_err(|e| CliError::failure(format!("FUSE session failed: {e}")))?;
     tracing::info!("{} unmounted", req.mountpoint.display());
     Ok(())
-}
-
-/// Unmount after a signal. A plain unmount can fail with EBUSY for a moment after a file was
-/// closed (FUSE sends RELEASE asynchronously), so retry briefly; if still busy, detach lazily:
-/// open files keep working and the session ends when the last one is closed.
-fn unmount_gracefully(mountpoint: &Path) {
-    use nix::errno::Errno;
-    use nix::mount::{MntFlags, umount2};
-    for _ in 0..20 {
-        match umount2(mountpoint, MntFlags::empty()) {
-            Ok(()) => return,
-            Err(Errno::EBUSY) => std::thread::sleep(std::time::Duration::from_millis(50)),
-            Err(Errno::EPERM) => {
-                // Unprivileged mount: only the setuid helper may unmount it.
-                let ok = Command::new("fusermount3")
-                    .arg("-u")
-                    .arg(mountpoint)
-                    .status()
-                    .is_ok_and(|s| s.success());
-                if ok {
-                    return;
-                }
-                break;
-            }
-            Err(e) => {
-                tracing::warn!("unmount of {} failed: {e}", mountpoint.display());
-                break;
-            }
-        }
-    }
-    tracing::warn!("{} is busy; detaching it lazily", mountpoint.display());
-    if umount2(mountpoint, MntFlags::MNT_DETACH).is_err() {
-        let _ = Command::new("fusermount3")
-            .arg("-uz")
-            .arg(mountpoint)
-            .status();
-    }
 }
 
 /// Parse the mount(8) helper calling convention:

@@ -1,6 +1,8 @@
 //! Command-line plumbing shared by every tool of the project: logging through `tracing` in
-//! plain, journald-friendly lines; exit codes; and mount(8)-style `-o` option strings.
+//! plain, journald-friendly lines; exit codes; mount(8)-style `-o` option strings; and the
+//! daemon life cycle of a FUSE server.
 
+pub mod daemon;
 pub mod logging;
 pub mod options;
 

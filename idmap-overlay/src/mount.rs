@@ -2,19 +2,17 @@
 
 use crate::cli::{Cli, UnmappedArg};
 use cli_common::CliError;
+use cli_common::daemon::{self, Daemon};
 use cli_common::options::{self, MountOpt};
 use fuse_passthrough::idmap::{self, IdMap, IdRange, Unmapped};
 use fuse_passthrough::{Mapping, Options, PassthroughFs};
 use fuser::{MountOption, SessionACL};
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Set in the environment of the re-executed daemon child; its stdout is the readiness pipe.
-const DAEMON_CHILD_ENV: &str = "IDMAP_OVERLAY_DAEMON_CHILD";
-const READY: &str = "ready";
+/// The re-executed daemon child is marked by this environment variable.
+const DAEMON: Daemon = Daemon::new("IDMAP_OVERLAY_DAEMON_CHILD");
 
 /// Everything the daemon needs, after parsing and checking.
 #[derive(Debug)]
@@ -160,34 +158,10 @@ pub fn mount(cli: &Cli) -> Result<(), CliError> {
             "idmap-overlay must run as root (it stores files under other users' ids)",
         ));
     }
-    let is_child = std::env::var_os(DAEMON_CHILD_ENV).is_some();
-    if !(cli.foreground || is_child) {
-        return spawn_daemon();
+    if !(cli.foreground || DAEMON.is_child()) {
+        return DAEMON.spawn();
     }
-    serve(cli, &s, is_child)
-}
-
-/// Re-run this program as a detached child with the same arguments and wait until it reports
-/// that the mount is live (or dies). No fork() in a process that may have threads.
-fn spawn_daemon() -> Result<(), CliError> {
-    let exe = std::env::current_exe()
-        .map_err(|e| CliError::failure(format!("cannot find own executable: {e}")))?;
-    let mut child = Command::new(exe)
-        .args(std::env::args_os().skip(1))
-        .env(DAEMON_CHILD_ENV, "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| CliError::failure(format!("cannot start the mount daemon: {e}")))?;
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut line = String::new();
-    let _ = BufReader::new(stdout).read_line(&mut line);
-    if line.trim() == READY {
-        return Ok(());
-    }
-    let status = child.wait().ok().and_then(|s| s.code()).unwrap_or(1);
-    std::process::exit(if status == 0 { 1 } else { status });
+    serve(cli, &s)
 }
 
 fn describe(kind: &str, ranges: &[IdRange]) -> String {
@@ -198,10 +172,8 @@ fn describe(kind: &str, ranges: &[IdRange]) -> String {
     format!("{kind} map {}", list.join(" "))
 }
 
-fn serve(cli: &Cli, s: &Settings, is_child: bool) -> Result<(), CliError> {
-    if is_child {
-        let _ = nix::unistd::setsid();
-    }
+fn serve(cli: &Cli, s: &Settings) -> Result<(), CliError> {
+    DAEMON.start_child();
     let map = mapping_of(&s.uid_map, &s.gid_map, s.unmapped);
     let fs = PassthroughFs::new(
         &cli.source,
@@ -235,19 +207,7 @@ fn serve(cli: &Cli, s: &Settings, is_child: bool) -> Result<(), CliError> {
     let session = fuser::Session::new(fs, &cli.mountpoint, &config).map_err(|e| {
         CliError::failure(format!("cannot mount on {}: {e}", cli.mountpoint.display()))
     })?;
-    let mountpoint = std::fs::canonicalize(&cli.mountpoint).unwrap_or(cli.mountpoint.clone());
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGHUP,
-    ])
-    .map_err(|e| CliError::failure(format!("cannot install signal handlers: {e}")))?;
-    std::thread::spawn(move || {
-        for sig in signals.forever() {
-            tracing::info!("signal {sig}: unmounting {}", mountpoint.display());
-            unmount_gracefully(&mountpoint);
-        }
-    });
+    daemon::unmount_on_signals(&cli.mountpoint)?;
     match &s.read_only_reason {
         Some(why) => tracing::warn!("the view is not injective ({why}): mounted read-only"),
         None if s.read_only => tracing::info!("mounted read-only (ro option)"),
@@ -264,39 +224,12 @@ fn serve(cli: &Cli, s: &Settings, is_child: bool) -> Result<(), CliError> {
             Unmapped::Identity => "unchanged",
         }
     );
-    if is_child {
-        let mut out = std::io::stdout();
-        let _ = writeln!(out, "{READY}");
-        let _ = out.flush();
-        cli_common::logging::detach_to_syslog();
-        if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-            let _ = nix::unistd::dup2_stdout(&null);
-            let _ = nix::unistd::dup2_stderr(&null);
-        }
-    }
+    DAEMON.announce_ready();
     session
         .run()
         .map_err(|e| CliError::failure(format!("FUSE session failed: {e}")))?;
     tracing::info!("{} unmounted", cli.mountpoint.display());
     Ok(())
-}
-
-/// Unmount after a signal: retry briefly while busy (RELEASE is asynchronous), then detach.
-fn unmount_gracefully(mountpoint: &PathBuf) {
-    use nix::errno::Errno;
-    use nix::mount::{MntFlags, umount2};
-    for _ in 0..20 {
-        match umount2(mountpoint, MntFlags::empty()) {
-            Ok(()) => return,
-            Err(Errno::EBUSY) => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => {
-                tracing::warn!("unmount of {} failed: {e}", mountpoint.display());
-                break;
-            }
-        }
-    }
-    tracing::warn!("{} is busy; detaching it lazily", mountpoint.display());
-    let _ = umount2(mountpoint, MntFlags::MNT_DETACH);
 }
 
 #[cfg(test)]
