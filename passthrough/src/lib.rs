@@ -16,6 +16,7 @@
 //! to disk ids, so the mapping must be injective for a writable mount.
 
 pub mod idmap;
+pub mod xattr_ids;
 
 use fuser::{
     AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
@@ -33,6 +34,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use xattr_ids::Direction;
 
 /// Maps owner ids between the disk (SOURCE) and the view (the mount).
 pub trait IdMapper: Send + Sync + 'static {
@@ -596,6 +598,9 @@ impl Filesystem for PassthroughFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
         let _ = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS);
+        // The kernel then enforces ACLs (with mapped ids, as read through getxattr) instead of
+        // mode bits alone, whose group class is only the ACL mask.
+        let _ = config.add_capabilities(InitFlags::FUSE_POSIX_ACL);
         if self.opts.passthrough {
             let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
                 && config.set_max_stack_depth(1).is_ok();
@@ -1128,10 +1133,12 @@ impl Filesystem for PassthroughFs {
     ) {
         let r = self.xattr_target(ino).and_then(|(n, path)| {
             self.check_change(&n, Errno::EPERM)?;
+            let value =
+                xattr_ids::translate(name.as_bytes(), value, &*self.map, Direction::ToDisk)?;
             rfs::setxattr(
                 path,
                 name,
-                value,
+                &value,
                 rfs::XattrFlags::from_bits_retain(flags as u32),
             )
             .map_err(errno)
@@ -1148,7 +1155,8 @@ impl Filesystem for PassthroughFs {
             let mut buf = vec![0u8; len];
             let got = rfs::getxattr(&path, name, &mut buf[..]).map_err(errno)?;
             buf.truncate(got);
-            Ok(buf)
+            let view = xattr_ids::translate(name.as_bytes(), &buf, &*self.map, Direction::ToView)?;
+            Ok(view.into_owned())
         });
         let r = match r {
             Err(e) if e.code() == libc::ENOTSUP => Err(Errno::ENODATA),

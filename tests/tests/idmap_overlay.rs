@@ -160,6 +160,82 @@ fn injective_map_round_trips_owners() {
     assert!(log.contains("mounted read-write"), "log: {log}");
 }
 
+fn tool(cmd: &str, args: &[&str]) -> Output {
+    run(Command::new(cmd).args(args))
+}
+
+/// `getfacl -n` without the comment header.
+fn acl_text(path: &Path) -> String {
+    let out = tool("getfacl", &["-n", "-c", path.to_str().unwrap()]);
+    ok(&out);
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn acls_and_capabilities_are_mapped_both_ways() {
+    let src = source();
+    let f = src.path().join("f");
+    file(&f, "acl'd", 0, 0);
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o600)).unwrap();
+    ok(&tool("setfacl", &["-m", "u:3:r,g:4:r", f.to_str().unwrap()]));
+    let d = src.path().join("d");
+    dir(&d, 0o755, 0, 0);
+    ok(&tool("setfacl", &["-d", "-m", "u:6:rwx", d.to_str().unwrap()]));
+    let c = src.path().join("cap");
+    file(&c, "cap'd", 0, 0);
+    ok(&tool("setcap", &["-n", "5", "cap_net_raw=ep", c.to_str().unwrap()]));
+
+    // Root stays root (it creates files below); ids 3..8 are shown as 1003..1008.
+    let m = mount(
+        src.path(),
+        &[
+            "--uid-map",
+            "0:0:1",
+            "--uid-map",
+            "3:1003:6",
+            "--gid-map",
+            "0:0:1",
+            "--gid-map",
+            "4:2004:1",
+        ],
+    );
+    let vf = m.path.join("f");
+    let view = acl_text(&vf);
+    assert!(view.contains("user:1003:r--"), "{view}");
+    assert!(view.contains("group:2004:r--"), "{view}");
+    let default = acl_text(&m.path.join("d"));
+    assert!(default.contains("default:user:1006:rwx"), "{default}");
+
+    // The kernel enforces the mapped ACL: 1003 may read the 0600 file, 1004 may not.
+    ok(&as_user(1003, m.path.as_path(), "cat f >/dev/null"));
+    let denied = as_user(1004, m.path.as_path(), "cat f");
+    assert!(!denied.status.success());
+
+    // Setting through the view stores disk ids; a view id with no disk id is refused.
+    ok(&tool("setfacl", &["-m", "u:1007:rw", vf.to_str().unwrap()]));
+    let disk = acl_text(&f);
+    assert!(disk.contains("user:7:rw-") && disk.contains("user:3:r--"), "{disk}");
+    let bad = tool("setfacl", &["-m", "u:42:r", vf.to_str().unwrap()]);
+    assert!(!bad.status.success());
+    assert!(!acl_text(&f).contains(":42:"));
+    // A new file in the directory inherits the default ACL, mapped back when shown.
+    fs::write(m.path.join("d/new"), "x").unwrap();
+    assert!(acl_text(&d.join("new")).contains("user:6:rwx"));
+    assert!(acl_text(&m.path.join("d/new")).contains("user:1006:rwx"));
+
+    // v3 capabilities: the namespace root id is mapped too.
+    let vc = m.path.join("cap");
+    let out = tool("getcap", &["-n", vc.to_str().unwrap()]);
+    ok(&out);
+    let caps = String::from_utf8_lossy(&out.stdout);
+    assert!(caps.contains("[rootid=1005]"), "{caps}");
+    ok(&tool("setcap", &["-n", "1008", "cap_net_admin=ep", vc.to_str().unwrap()]));
+    let out = tool("getcap", &["-n", c.to_str().unwrap()]);
+    let caps = String::from_utf8_lossy(&out.stdout);
+    assert!(caps.contains("cap_net_admin=ep [rootid=8]"), "{caps}");
+    drop(m);
+}
+
 #[test]
 fn unmapped_ids_show_as_overflow_and_are_not_writable() {
     let src = source();
