@@ -158,13 +158,7 @@ pub fn mount(req: &MountRequest, kind: Kind) -> Result<(), CliError> {
             }
             let blobs = image.entries().len();
             let fs = BlobFs::new(Arc::new(image), settings.layout, settings.owner);
-            serve(
-                fs,
-                req,
-                &settings,
-                true,
-                &format!("{blobs} blobs"),
-            )
+            serve(fs, req, &settings, true, &format!("{blobs} blobs"))
         }
         Kind::Store => {
             let store = Store::open(&req.source).map_err(CliError::failure)?;

@@ -52,7 +52,9 @@ impl Daemon {
             .spawn()
             .map_err(|e| CliError::failure(format!("cannot start the mount daemon: {e}")))?;
         let Some(stdout) = child.stdout.take() else {
-            return Err(CliError::failure("mount daemon started without a readiness pipe"));
+            return Err(CliError::failure(
+                "mount daemon started without a readiness pipe",
+            ));
         };
         let mut line = String::new();
         let _ = BufReader::new(stdout).read_line(&mut line);

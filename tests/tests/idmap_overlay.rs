@@ -177,13 +177,22 @@ fn acls_and_capabilities_are_mapped_both_ways() {
     let f = src.path().join("f");
     file(&f, "acl'd", 0, 0);
     fs::set_permissions(&f, fs::Permissions::from_mode(0o600)).unwrap();
-    ok(&tool("setfacl", &["-m", "u:3:r,g:4:r", f.to_str().unwrap()]));
+    ok(&tool(
+        "setfacl",
+        &["-m", "u:3:r,g:4:r", f.to_str().unwrap()],
+    ));
     let d = src.path().join("d");
     dir(&d, 0o755, 0, 0);
-    ok(&tool("setfacl", &["-d", "-m", "u:6:rwx", d.to_str().unwrap()]));
+    ok(&tool(
+        "setfacl",
+        &["-d", "-m", "u:6:rwx", d.to_str().unwrap()],
+    ));
     let c = src.path().join("cap");
     file(&c, "cap'd", 0, 0);
-    ok(&tool("setcap", &["-n", "5", "cap_net_raw=ep", c.to_str().unwrap()]));
+    ok(&tool(
+        "setcap",
+        &["-n", "5", "cap_net_raw=ep", c.to_str().unwrap()],
+    ));
 
     // Root stays root (it creates files below); ids 3..8 are shown as 1003..1008.
     let m = mount(
@@ -214,7 +223,10 @@ fn acls_and_capabilities_are_mapped_both_ways() {
     // Setting through the view stores disk ids; a view id with no disk id is refused.
     ok(&tool("setfacl", &["-m", "u:1007:rw", vf.to_str().unwrap()]));
     let disk = acl_text(&f);
-    assert!(disk.contains("user:7:rw-") && disk.contains("user:3:r--"), "{disk}");
+    assert!(
+        disk.contains("user:7:rw-") && disk.contains("user:3:r--"),
+        "{disk}"
+    );
     let bad = tool("setfacl", &["-m", "u:42:r", vf.to_str().unwrap()]);
     assert!(!bad.status.success());
     assert!(!acl_text(&f).contains(":42:"));
@@ -229,7 +241,10 @@ fn acls_and_capabilities_are_mapped_both_ways() {
     ok(&out);
     let caps = String::from_utf8_lossy(&out.stdout);
     assert!(caps.contains("[rootid=1005]"), "{caps}");
-    ok(&tool("setcap", &["-n", "1008", "cap_net_admin=ep", vc.to_str().unwrap()]));
+    ok(&tool(
+        "setcap",
+        &["-n", "1008", "cap_net_admin=ep", vc.to_str().unwrap()],
+    ));
     let out = tool("getcap", &["-n", c.to_str().unwrap()]);
     let caps = String::from_utf8_lossy(&out.stdout);
     assert!(caps.contains("cap_net_admin=ep [rootid=8]"), "{caps}");
