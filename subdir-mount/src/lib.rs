@@ -6,8 +6,5 @@
 
 pub mod cli;
 pub mod idmap;
-mod loopdev;
 pub mod mount;
 pub mod request;
-mod sys;
-pub mod userns;

@@ -4,7 +4,8 @@ use clap::Parser;
 use std::path::Path;
 use std::process::ExitCode;
 use subdir_mount::cli::Cli;
-use subdir_mount::{mount, request, userns};
+use mount_api::userns;
+use subdir_mount::{mount, request};
 
 fn main() -> ExitCode {
     let argv0 = std::env::args_os().next().unwrap_or_default();

@@ -12,9 +12,9 @@
 //! 6. with id maps, `mount_setattr(MOUNT_ATTR_IDMAP)` on the still-detached clone;
 //! 7. `move_mount` of the clone onto the target fd: the one step that makes anything visible.
 
-use crate::loopdev::LoopDevice;
+use mount_api::loopdev::LoopDevice;
 use crate::request::{self, FsParam, Plan, Request};
-use crate::{sys, userns};
+use crate::idmap;
 use cli_common::CliError;
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, StatxAttributes, StatxFlags};
 use rustix::io::Errno;
@@ -218,12 +218,12 @@ fn attach_subdir(
     drop(sub);
     drop(top);
     if plan.idmapped() {
-        let ns = userns::create(&plan.uid_map, &plan.gid_map).map_err(|e| {
-            fail(format!(
-                "cannot create the user namespace for the id map: {e}"
-            ))
-        })?;
-        sys::mount_setattr_idmap(clone.as_fd(), ns.as_fd()).map_err(|e| {
+        mount_api::set_idmap(
+            clone.as_fd(),
+            &idmap::proc_map_text(&plan.uid_map),
+            &idmap::proc_map_text(&plan.gid_map),
+        )
+        .map_err(|e| {
             let hint = if e.raw_os_error() == Some(libc::EINVAL) {
                 format!(" ({fstype} may not support idmapped mounts)")
             } else {

@@ -542,7 +542,7 @@ fn one_to_one_id_maps_become_an_idmapped_mount() {
         .filter_map(Result::ok)
         .filter(|p| {
             fs::read(p.path().join("cmdline"))
-                .is_ok_and(|c| c.starts_with(b"subdir-mount-userns-helper"))
+                .is_ok_and(|c| c.starts_with(b"mount-api-userns-helper"))
         })
         .count();
     assert_eq!(helpers, 0);

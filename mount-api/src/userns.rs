@@ -8,7 +8,6 @@
 //! lives on through that fd. The helper is always reaped before [`create`] returns, and it also
 //! exits by itself if the parent dies (its stdin closes).
 
-use crate::idmap::{self, IdRange};
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::OwnedFd;
@@ -16,7 +15,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 
 /// argv[0] of the helper process.
-pub const HELPER_ARGV0: &str = "subdir-mount-userns-helper";
+pub const HELPER_ARGV0: &str = "mount-api-userns-helper";
 const READY: &str = "ready";
 
 /// Entry point of the helper process.
@@ -44,9 +43,9 @@ impl Drop for Helper {
     }
 }
 
-/// Create a user namespace with these maps (an empty list is the identity) and return an fd
-/// to it.
-pub fn create(uid_map: &[IdRange], gid_map: &[IdRange]) -> io::Result<OwnedFd> {
+/// Create a user namespace with these maps (text in `/proc/PID/uid_map` format; an empty map
+/// is written as the identity by the caller) and return an fd to it.
+pub fn create(uid_map: &str, gid_map: &str) -> io::Result<OwnedFd> {
     let child = Command::new("/proc/self/exe")
         .arg0(HELPER_ARGV0)
         .stdin(Stdio::piped())
@@ -72,8 +71,8 @@ pub fn create(uid_map: &[IdRange], gid_map: &[IdRange]) -> io::Result<OwnedFd> {
         f.write_all(text.as_bytes())
             .map_err(|e| io::Error::new(e.kind(), format!("writing {path} ({text:?}): {e}")))
     };
-    write_map("uid_map", &idmap::proc_map_text(uid_map))?;
-    write_map("gid_map", &idmap::proc_map_text(gid_map))?;
+    write_map("uid_map", uid_map)?;
+    write_map("gid_map", gid_map)?;
     let ns = File::open(format!("/proc/{pid}/ns/user"))?;
     drop(helper);
     Ok(ns.into())

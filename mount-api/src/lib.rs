@@ -1,0 +1,25 @@
+//! The parts of the Linux mount machinery that neither rustix nor nix wrap, made safe: loop
+//! devices ([`loopdev`]) and idmapped mounts ([`set_idmap`], with the user namespace that
+//! carries the maps from [`userns`]). All of the project's mount-related `unsafe` code is in
+//! the private `sys` module, one small function per system call or ioctl.
+//!
+//! Used by subdir-mount (the subdir clone is idmapped before it is attached) and idmap-overlay
+//! (its kernel mode). A program using [`userns`] must call [`userns::helper_main`] from `main`
+//! when started as [`userns::HELPER_ARGV0`].
+
+pub mod loopdev;
+mod sys;
+pub mod userns;
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+
+/// Make the detached mount `mnt` (from `open_tree(OPEN_TREE_CLONE)` or `fsmount`) idmapped:
+/// disk ids are shown through the maps, given as the text of `/proc/PID/uid_map` and
+/// `gid_map` (lines `DISK VIEW COUNT`). The mount must not be attached yet, so nobody ever
+/// sees it with the wrong owners.
+pub fn set_idmap(mnt: BorrowedFd<'_>, uid_map: &str, gid_map: &str) -> io::Result<()> {
+    let ns = userns::create(uid_map, gid_map)
+        .map_err(|e| io::Error::new(e.kind(), format!("user namespace for the id map: {e}")))?;
+    sys::mount_setattr_idmap(mnt, ns.as_fd())
+}
