@@ -1,10 +1,10 @@
 //! `subdir-mount`, also installed as `mount.subdir` for mount(8) and fstab.
 
 use clap::Parser;
+use mount_api::userns;
 use std::path::Path;
 use std::process::ExitCode;
 use subdir_mount::cli::Cli;
-use mount_api::userns;
 use subdir_mount::{mount, request};
 
 fn main() -> ExitCode {

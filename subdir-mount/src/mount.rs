@@ -12,10 +12,10 @@
 //! 6. with id maps, `mount_setattr(MOUNT_ATTR_IDMAP)` on the still-detached clone;
 //! 7. `move_mount` of the clone onto the target fd: the one step that makes anything visible.
 
-use mount_api::loopdev::LoopDevice;
-use crate::request::{self, FsParam, Plan, Request};
 use crate::idmap;
+use crate::request::{self, FsParam, Plan, Request};
 use cli_common::CliError;
+use mount_api::loopdev::LoopDevice;
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, StatxAttributes, StatxFlags};
 use rustix::io::Errno;
 use rustix::mount::{
