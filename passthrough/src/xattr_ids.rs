@@ -73,7 +73,7 @@ pub fn translate<'a>(
 }
 
 fn translate_acl(value: &[u8], map: &dyn IdMapper, dir: Direction) -> Result<Vec<u8>, Errno> {
-    if value.len() < 4 || (value.len() - 4) % 8 != 0 || u32_at(value, 0) != ACL_VERSION {
+    if value.len() < 4 || !(value.len() - 4).is_multiple_of(8) || u32_at(value, 0) != ACL_VERSION {
         return Err(Errno::EINVAL);
     }
     let mut out = value.to_vec();
