@@ -43,9 +43,18 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = UnmappedArg::Overflow)]
     pub unmapped: UnmappedArg,
     /// Mount options: uidmap=DISK:VIEW:COUNT, gidmap=..., mapfile=FILE, unmapped=MODE, ro,
-    /// allow_root, auto_unmount, threads=N, nopassthrough, and nosuid, nodev, noexec, noatime.
+    /// mode=MODE, allow_root, auto_unmount, threads=N, nopassthrough, and nosuid, nodev, noexec,
+    /// noatime.
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
+    /// How to serve the view: `kernel` is an idmapped bind mount (no daemon; needs an
+    /// injective view and a source filesystem that supports idmapped mounts), `fuse` the FUSE
+    /// daemon (any map), `auto` the kernel when it can, FUSE otherwise. Also -o mode=MODE.
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    pub mode: Mode,
+    /// Short for --mode kernel.
+    #[arg(long, conflicts_with = "mode")]
+    pub kernel: bool,
     /// Stay in the foreground instead of detaching once the mount is live.
     #[arg(short, long)]
     pub foreground: bool,
@@ -60,4 +69,14 @@ pub enum UnmappedArg {
     Overflow,
     /// Show them unchanged.
     Identity,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// A kernel idmapped mount when possible, else FUSE.
+    Auto,
+    /// A kernel idmapped mount (mount_setattr(MOUNT_ATTR_IDMAP)), or fail.
+    Kernel,
+    /// The FUSE passthrough daemon.
+    Fuse,
 }

@@ -1,6 +1,6 @@
 //! Settings from the command line and `-o`, daemonizing, serving, clean shutdown.
 
-use crate::cli::{Cli, UnmappedArg};
+use crate::cli::{Cli, Mode, UnmappedArg};
 use cli_common::CliError;
 use cli_common::daemon::{self, Daemon};
 use cli_common::options::{self, MountOpt};
@@ -28,6 +28,7 @@ pub struct Settings {
     pub threads: usize,
     pub passthrough: bool,
     pub vfs: Vec<MountOption>,
+    pub mode: Mode,
 }
 
 fn read_map_file(
@@ -66,6 +67,7 @@ pub fn settings(cli: &Cli, opts: &[MountOpt]) -> Result<Settings, CliError> {
         threads: 4,
         passthrough: true,
         vfs: Vec::new(),
+        mode: if cli.kernel { Mode::Kernel } else { cli.mode },
     };
     for o in opts {
         let value = || {
@@ -88,6 +90,18 @@ pub fn settings(cli: &Cli, opts: &[MountOpt]) -> Result<Settings, CliError> {
                     v => {
                         return Err(CliError::usage(format!(
                             "unmapped={v}: expected overflow or identity"
+                        )));
+                    }
+                }
+            }
+            "mode" => {
+                s.mode = match value()?.as_str() {
+                    "auto" => Mode::Auto,
+                    "kernel" => Mode::Kernel,
+                    "fuse" => Mode::Fuse,
+                    v => {
+                        return Err(CliError::usage(format!(
+                            "mode={v}: expected auto, kernel or fuse"
                         )));
                     }
                 }
@@ -158,10 +172,96 @@ pub fn mount(cli: &Cli) -> Result<(), CliError> {
             "idmap-overlay must run as root (it stores files under other users' ids)",
         ));
     }
+    if s.mode != Mode::Fuse && !DAEMON.is_child() {
+        match kernel_mount(cli, &s) {
+            Ok(()) => return Ok(()),
+            Err(KernelRefusal::Failed(e)) => return Err(e),
+            Err(KernelRefusal::Unsuitable(why)) if s.mode == Mode::Kernel => {
+                return Err(CliError::failure(format!("--mode kernel: {why}")));
+            }
+            Err(KernelRefusal::Unsuitable(why)) => tracing::info!("using FUSE: {why}"),
+        }
+    }
     if !(cli.foreground || DAEMON.is_child()) {
         return DAEMON.spawn();
     }
     serve(cli, &s)
+}
+
+/// Why the kernel path was not taken.
+enum KernelRefusal {
+    /// It cannot serve this view (auto mode then uses FUSE).
+    Unsuitable(String),
+    /// It should have worked and failed.
+    Failed(CliError),
+}
+
+/// Serve the view as a kernel idmapped bind mount: no daemon, native speed for everything.
+fn kernel_mount(cli: &Cli, s: &Settings) -> Result<(), KernelRefusal> {
+    use KernelRefusal::{Failed, Unsuitable};
+    use rustix::mount::MountAttrFlags;
+    if let Some(why) = &s.read_only_reason {
+        return Err(Unsuitable(format!(
+            "the view is not injective ({why}) and kernel idmapped mounts are 1:1"
+        )));
+    }
+    let too_many = || {
+        Unsuitable(format!(
+            "the map needs more than {} ranges with --unmapped=identity",
+            idmap::MAX_EXTENTS
+        ))
+    };
+    let uids = idmap::kernel_ranges(&s.uid_map, s.unmapped).ok_or_else(too_many)?;
+    let gids = idmap::kernel_ranges(&s.gid_map, s.unmapped).ok_or_else(too_many)?;
+    let mut attrs = MountAttrFlags::empty();
+    if s.read_only {
+        attrs |= MountAttrFlags::MOUNT_ATTR_RDONLY;
+    }
+    for o in &s.vfs {
+        attrs |= match o {
+            MountOption::NoSuid => MountAttrFlags::MOUNT_ATTR_NOSUID,
+            MountOption::NoDev => MountAttrFlags::MOUNT_ATTR_NODEV,
+            MountOption::NoExec => MountAttrFlags::MOUNT_ATTR_NOEXEC,
+            MountOption::NoAtime => MountAttrFlags::MOUNT_ATTR_NOATIME,
+            _ => MountAttrFlags::empty(),
+        };
+    }
+    match mount_api::idmapped_bind(
+        &cli.source,
+        &cli.mountpoint,
+        &idmap::proc_map_text(&uids),
+        &idmap::proc_map_text(&gids),
+        attrs,
+    ) {
+        Ok(()) => {
+            tracing::info!(
+                "mounted {} on {} (mode kernel: idmapped bind mount, no daemon; {}; {}; {})",
+                cli.source.display(),
+                cli.mountpoint.display(),
+                describe("uid", &s.uid_map),
+                describe("gid", &s.gid_map),
+                if s.read_only {
+                    "read-only"
+                } else {
+                    "read-write"
+                }
+            );
+            Ok(())
+        }
+        Err(e) if e.raw_os_error() == Some(libc_einval()) => Err(Unsuitable(format!(
+            "the filesystem of {} does not support idmapped mounts ({e})",
+            cli.source.display()
+        ))),
+        Err(e) => Err(Failed(CliError::failure(format!(
+            "idmapped mount of {} on {}: {e}",
+            cli.source.display(),
+            cli.mountpoint.display()
+        )))),
+    }
+}
+
+fn libc_einval() -> i32 {
+    nix::errno::Errno::EINVAL as i32
 }
 
 fn describe(kind: &str, ranges: &[IdRange]) -> String {
@@ -270,6 +370,8 @@ mod tests {
             &["-o", "uidmap=1:2"],
             &["-o", "frobnicate"],
             &["-o", "unmapped=maybe"],
+            &["-o", "mode=maybe"],
+            &["--kernel", "--mode", "fuse"],
             &["--uid-map", "x:1:1"],
         ] {
             let e = parse(bad).unwrap_err();

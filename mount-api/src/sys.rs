@@ -127,12 +127,17 @@ pub fn loop_clr_fd(dev: BorrowedFd<'_>) -> io::Result<()> {
     check(ret.into()).map(drop)
 }
 
-/// `mount_setattr(mnt, "", AT_EMPTY_PATH, {attr_set: MOUNT_ATTR_IDMAP, userns_fd})`: make the
-/// (detached) mount `mnt` idmapped through the user namespace `userns`.
-pub fn mount_setattr_idmap(mnt: BorrowedFd<'_>, userns: BorrowedFd<'_>) -> io::Result<()> {
+/// `mount_setattr(mnt, "", AT_EMPTY_PATH, {attr_set: MOUNT_ATTR_IDMAP | other, userns_fd})`:
+/// make the (detached) mount `mnt` idmapped through the user namespace `userns`, setting the
+/// `other` `MOUNT_ATTR_*` flags in the same call.
+pub fn mount_setattr_idmap(
+    mnt: BorrowedFd<'_>,
+    userns: BorrowedFd<'_>,
+    other: u64,
+) -> io::Result<()> {
     let userns_fd = u64::try_from(userns.as_raw_fd()).map_err(|_| io::Error::other("bad fd"))?;
     let attr = MountAttr {
-        attr_set: MOUNT_ATTR_IDMAP,
+        attr_set: MOUNT_ATTR_IDMAP | other,
         attr_clr: 0,
         propagation: 0,
         userns_fd,

@@ -117,6 +117,46 @@ pub fn proc_map_text(ranges: &[IdRange]) -> String {
         .collect()
 }
 
+/// The ranges a kernel idmapped mount needs to show `ranges` with `unmapped` ids handled as
+/// asked: the ranges themselves for the overflow mode (the kernel's own behaviour), plus
+/// identity ranges over every disk id outside them for the identity mode. Only meaningful for
+/// an injective view. `None` if that needs more extents than the kernel takes.
+pub fn kernel_ranges(ranges: &[IdRange], unmapped: Unmapped) -> Option<Vec<IdRange>> {
+    if ranges.is_empty() || unmapped == Unmapped::Overflow {
+        return Some(ranges.to_vec());
+    }
+    let mut sorted = ranges.to_vec();
+    sorted.sort_by_key(|r| r.disk);
+    let mut out = ranges.to_vec();
+    let mut next: u64 = 0;
+    // The largest id is 4294967294: (uid_t)-1 is not an id.
+    let end = u64::from(u32::MAX);
+    for r in sorted
+        .iter()
+        .map(|r| (u64::from(r.disk), u64::from(r.count)))
+    {
+        if r.0 > next {
+            out.push(identity_range(next, r.0 - next));
+        }
+        next = r.0 + r.1;
+    }
+    if next < end {
+        out.push(identity_range(next, end - next));
+    }
+    (out.len() <= MAX_EXTENTS).then_some(out)
+}
+
+fn identity_range(first: u64, count: u64) -> IdRange {
+    // Both fit: ids and counts stay below 2^32 - 1 by construction.
+    let first = u32::try_from(first).unwrap_or(u32::MAX - 1);
+    let count = u32::try_from(count).unwrap_or(u32::MAX - 1);
+    IdRange {
+        disk: first,
+        view: first,
+        count,
+    }
+}
+
 /// The overflow id the kernel shows for ids without a mapping.
 pub const OVERFLOW_ID: u32 = 65534;
 
@@ -374,5 +414,30 @@ mod tests {
             "0 1000 1\n5 6 7\n"
         );
         assert_eq!(proc_map_text(&[]), "0 0 4294967295\n");
+    }
+
+    #[test]
+    fn kernel_ranges_fill_gaps_with_identity() {
+        let r = |s: &str| s.parse::<IdRange>().unwrap();
+        let swap = [r("65534:1000:1"), r("1000:65534:1")];
+        assert_eq!(
+            kernel_ranges(&swap, Unmapped::Overflow).unwrap(),
+            swap.to_vec()
+        );
+        let k = kernel_ranges(&swap, Unmapped::Identity).unwrap();
+        assert_eq!(
+            proc_map_text(&k),
+            "65534 1000 1\n1000 65534 1\n0 0 1000\n1001 1001 64533\n65535 65535 4294901760\n"
+        );
+        let total: u64 = k.iter().map(|r| u64::from(r.count)).sum();
+        assert_eq!(total, u64::from(u32::MAX));
+        let many: Vec<IdRange> = (0..300)
+            .map(|i| IdRange {
+                disk: i * 10,
+                view: i * 10,
+                count: 1,
+            })
+            .collect();
+        assert!(kernel_ranges(&many, Unmapped::Identity).is_none());
     }
 }

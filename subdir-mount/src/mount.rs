@@ -222,6 +222,7 @@ fn attach_subdir(
             clone.as_fd(),
             &idmap::proc_map_text(&plan.uid_map),
             &idmap::proc_map_text(&plan.gid_map),
+            rustix::mount::MountAttrFlags::empty(),
         )
         .map_err(|e| {
             let hint = if e.raw_os_error() == Some(libc::EINVAL) {

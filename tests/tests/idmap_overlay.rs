@@ -2,7 +2,9 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use integration_tests::{FuseMount, bin, pseudo_random_bytes, run};
+use integration_tests::{
+    FuseMount, bin, is_mounted, mountinfo_line, pseudo_random_bytes, run, unmount,
+};
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
@@ -29,7 +31,12 @@ fn source() -> tempfile::TempDir {
 fn mount(src: &Path, args: &[&str]) -> FuseMount {
     FuseMount::start(|mnt| {
         let mut c = Command::new(bin("idmap-overlay"));
-        c.args(args).arg("-f").arg(src).arg(mnt);
+        // The FUSE daemon; the kernel mode has its own test.
+        c.args(["--mode", "fuse"])
+            .args(args)
+            .arg("-f")
+            .arg(src)
+            .arg(mnt);
         c
     })
     .unwrap()
@@ -530,4 +537,89 @@ fn concurrent_symlink_swaps_never_escape() {
     fs::File::from(fd).write_all(b"w").unwrap();
     assert!(src.join("x/written").exists());
     assert!(!outside.join("written").exists());
+}
+
+/// Guard that unmounts a kernel (daemon-less) mount.
+struct KernelMount(PathBuf);
+
+impl Drop for KernelMount {
+    fn drop(&mut self) {
+        if is_mounted(&self.0) {
+            unmount(&self.0);
+        }
+    }
+}
+
+fn idmap_overlay(args: &[&str], src: &Path, mnt: &Path) -> Output {
+    run(Command::new(bin("idmap-overlay"))
+        .args(args)
+        .arg(src)
+        .arg(mnt))
+}
+
+#[test]
+fn auto_mode_takes_the_kernel_path_for_injective_views_only() {
+    let src = source();
+    file(&src.path().join("a"), "x", 50000, 50000);
+    let mnt_dir = tempfile::tempdir().unwrap();
+    let mnt = mnt_dir.path().join("m");
+    fs::create_dir(&mnt).unwrap();
+    let maps = [
+        "--uid-map",
+        "0:0:1",
+        "--uid-map",
+        "50000:1000:1",
+        "--gid-map",
+        "0:0:1",
+        "--gid-map",
+        "50000:1000:1",
+    ];
+
+    // Injective: an idmapped bind mount, no daemon, the source's own filesystem type.
+    let out = idmap_overlay(&maps, src.path(), &mnt);
+    ok(&out);
+    let guard = KernelMount(mnt.clone());
+    let line = mountinfo_line(&mnt).expect("mounted");
+    assert!(!line.contains(" - fuse"), "{line}");
+    assert!(line.contains("idmapped"), "{line}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mode kernel"));
+    assert_eq!(owner(&mnt.join("a")), (1000, 1000));
+    assert_eq!(owner(&mnt.join(".")), (0, 0));
+    fs::write(mnt.join("new"), "y").unwrap();
+    chown(mnt.join("new"), Some(1000), Some(1000)).unwrap();
+    assert_eq!(owner(&src.path().join("new")), (50000, 50000));
+    // An id without a disk id cannot be stored (the kernel's own answer).
+    let e = chown(mnt.join("new"), Some(1001), None).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(EOVERFLOW));
+    unmount(&mnt);
+    assert!(!is_mounted(&mnt));
+    drop(guard);
+
+    // Read-only is honoured by the kernel mount.
+    ok(&idmap_overlay(
+        &["--kernel", "-o", "ro,uidmap=50000:1000:1"],
+        src.path(),
+        &mnt,
+    ));
+    let guard = KernelMount(mnt.clone());
+    let e = fs::write(mnt.join("a"), "z").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(EROFS));
+    drop(guard);
+
+    // Many-to-one: --kernel refuses and says why; auto falls back to the FUSE daemon.
+    let many = ["--uid-map", "65534:1000:1", "--uid-map", "50000:1000:1"];
+    let out = idmap_overlay(
+        &[&["--mode", "kernel"][..], &many].concat(),
+        src.path(),
+        &mnt,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not injective"));
+    assert!(!is_mounted(&mnt));
+    ok(&idmap_overlay(&many, src.path(), &mnt));
+    let guard = KernelMount(mnt.clone());
+    let line = mountinfo_line(&mnt).expect("mounted");
+    assert!(line.contains(" - fuse"), "{line}");
+    assert_eq!(owner(&mnt.join("a")), (1000, 50000));
+    drop(guard);
 }
