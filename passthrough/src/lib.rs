@@ -235,6 +235,16 @@ impl PassthroughFs {
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
+        PassthroughFs::from_root(root, map, opts)
+    }
+
+    /// Serve the tree below the directory `root` (an fd, for example the root of a detached
+    /// mount that is attached nowhere else). Sets the process umask to 0.
+    pub fn from_root(
+        root: OwnedFd,
+        map: Arc<dyn IdMapper>,
+        opts: Options,
+    ) -> std::io::Result<PassthroughFs> {
         let proc_fd = rfs::open(
             "/proc/self/fd",
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,

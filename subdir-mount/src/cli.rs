@@ -43,16 +43,22 @@ pub struct Cli {
     #[arg(short = 'r', long = "read-only")]
     pub read_only: bool,
     /// Show on-disk user ids DISK..DISK+COUNT-1 as VIEW..VIEW+COUNT-1 (repeatable). An
-    /// injective map becomes a kernel idmapped mount; ids outside every range show as 65534
-    /// and cannot be written. Without any --uid-map, user ids are shown unchanged.
+    /// injective map becomes a kernel idmapped mount, a many-to-one map a read-only FUSE mount;
+    /// ids outside every range show as 65534 and cannot be written. Without any --uid-map, user ids are shown unchanged.
     #[arg(long = "uid-map", value_name = "DISK:VIEW:COUNT")]
     pub uid_map: Vec<IdRange>,
     /// Same as --uid-map, for group ids.
     #[arg(long = "gid-map", value_name = "DISK:VIEW:COUNT")]
     pub gid_map: Vec<IdRange>,
-    /// Serve the sub-directory through FUSE (needed for many-to-one maps). Not supported yet.
+    /// Serve the sub-directory through a FUSE passthrough daemon (also -o fuse). Chosen by
+    /// itself for a many-to-one map (several disk ids shown as one view id), which kernel
+    /// idmapped mounts cannot do; such a mount is read-only. The daemon holds the only
+    /// reference to the filesystem; `umount TARGET` ends it and releases the loop device.
     #[arg(long)]
     pub fuse: bool,
+    /// With FUSE: serve in the foreground instead of returning once the mount is live.
+    #[arg(short = 'F', long)]
+    pub foreground: bool,
     /// More log output (-v info, -vv debug, -vvv trace).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,

@@ -5,6 +5,7 @@
 //! See [`mount`] for the sequence of steps, [`idmap`] for `--uid-map`/`--gid-map`.
 
 pub mod cli;
+mod fuse;
 pub mod idmap;
 pub mod mount;
 pub mod request;

@@ -12,6 +12,7 @@
 //! 6. with id maps, `mount_setattr(MOUNT_ATTR_IDMAP)` on the still-detached clone;
 //! 7. `move_mount` of the clone onto the target fd: the one step that makes anything visible.
 
+use crate::fuse::DAEMON;
 use crate::idmap;
 use crate::request::{self, FsParam, Plan, Request};
 use cli_common::CliError;
@@ -48,14 +49,20 @@ pub fn mount(req: &Request) -> Result<(), CliError> {
         tracing::info!("-f given: not mounting");
         return Ok(());
     }
+    // Everything that can be checked without mounting was checked by the command the user
+    // ran; the FUSE daemon does the rest and reports its own errors before it detaches.
+    if plan.fuse && !(req.foreground || DAEMON.is_child()) {
+        return DAEMON.spawn();
+    }
+    DAEMON.start_child();
     let fs = fsopen(fstype.as_str(), FsOpenFlags::FSOPEN_CLOEXEC).map_err(|e| match e {
         Errno::NODEV => fail(format!(
             "unknown filesystem type {fstype:?} (not in /proc/filesystems)"
         )),
         e => fail(format!("fsopen({fstype}): {e}")),
     })?;
-    // Declared before the mount fds are created inside `attach_subdir`, so on failure those
-    // are closed first and the loop device is detached last.
+    // Declared before the mount fds are created, so on failure those are closed first and the
+    // loop device is detached last.
     let loopdev = if image {
         Some(LoopDevice::attach(&req.source, plan.read_only).map_err(CliError::failure)?)
     } else {
@@ -65,16 +72,23 @@ pub fn mount(req: &Request) -> Result<(), CliError> {
         Some(l) => l.path().to_owned(),
         None => req.source.clone(),
     };
-    attach_subdir(fs, &fstype, &device, req, &plan, &target)?;
-    if let Some(l) = loopdev {
-        tracing::info!(
-            "{} is attached to {}, released when {} is unmounted",
-            req.source.display(),
-            l.path().display(),
-            req.target.display()
-        );
-        l.keep();
+    let clone = detached_subdir(fs, &fstype, &device, req, &plan)?;
+    let keep_loop = |loopdev: Option<LoopDevice>, holder: &str| {
+        if let Some(l) = loopdev {
+            tracing::info!(
+                "{} is attached to {}, released when {holder}",
+                req.source.display(),
+                l.path().display(),
+            );
+            l.keep();
+        }
+    };
+    if plan.fuse {
+        keep_loop(loopdev, "the FUSE daemon exits (at unmount)");
+        return crate::fuse::serve(clone, req, &plan, &fstype);
     }
+    attach(clone, &fstype, req, &plan, &target)?;
+    keep_loop(loopdev, &format!("{} is unmounted", req.target.display()));
     tracing::info!(
         "mounted {} of {} ({fstype}) on {}",
         plan.subdir,
@@ -175,15 +189,15 @@ fn with_log(msg: String, fs: &OwnedFd) -> CliError {
     }
 }
 
-/// Steps 3 to 7 of the module documentation.
-fn attach_subdir(
+/// Steps 3 to 5 of the module documentation: a detached clone of the subdir, the only
+/// reference to the filesystem that remains.
+fn detached_subdir(
     fs: OwnedFd,
     fstype: &str,
     device: &Path,
     req: &Request,
     plan: &Plan,
-    target: &OwnedFd,
-) -> Result<(), CliError> {
+) -> Result<OwnedFd, CliError> {
     let src = req.source.display();
     fsconfig_set_string(&fs, "source", device)
         .map_err(|e| with_log(format!("{fstype}: cannot use {src} as source: {e}"), &fs))?;
@@ -217,6 +231,17 @@ fn attach_subdir(
     // The detached top level dissolves here: nothing but the clone remains.
     drop(sub);
     drop(top);
+    Ok(clone)
+}
+
+/// Steps 6 and 7: idmap the clone if asked, then attach it on the target.
+fn attach(
+    clone: OwnedFd,
+    fstype: &str,
+    req: &Request,
+    plan: &Plan,
+    target: &OwnedFd,
+) -> Result<(), CliError> {
     if plan.idmapped() {
         mount_api::set_idmap(
             clone.as_fd(),

@@ -19,6 +19,8 @@ pub struct Request {
     pub uid_map: Vec<IdRange>,
     pub gid_map: Vec<IdRange>,
     pub fuse: bool,
+    /// With FUSE, serve in the foreground.
+    pub foreground: bool,
     /// mount(8) `-f`: check everything, mount nothing.
     pub fake: bool,
 }
@@ -40,6 +42,7 @@ impl From<Cli> for Request {
             uid_map: cli.uid_map,
             gid_map: cli.gid_map,
             fuse: cli.fuse,
+            foreground: cli.foreground,
             fake: false,
         }
     }
@@ -66,6 +69,10 @@ pub struct Plan {
     pub fs_params: Vec<FsParam>,
     pub uid_map: Vec<IdRange>,
     pub gid_map: Vec<IdRange>,
+    /// Serve through FUSE rather than attaching a kernel mount.
+    pub fuse: bool,
+    /// Why the view is not injective (then it goes through FUSE, read-only).
+    pub many_to_one: Option<String>,
 }
 
 impl Plan {
@@ -73,9 +80,6 @@ impl Plan {
         !self.uid_map.is_empty() || !self.gid_map.is_empty()
     }
 }
-
-const FUSE_NOT_YET: &str = "is not supported yet: the FUSE path needs idmap-overlay's \
-                            passthrough core, which does not exist yet";
 
 pub fn plan(req: &Request) -> Result<Plan, CliError> {
     let mut subdir = None;
@@ -165,17 +169,14 @@ pub fn plan(req: &Request) -> Result<Plan, CliError> {
     if subdir.contains('\0') {
         return Err(CliError::usage("subdir contains a NUL byte"));
     }
-    if fuse {
-        return Err(CliError::usage(format!("--fuse {FUSE_NOT_YET}")));
-    }
+    let mut many_to_one = None;
     for (kind, map) in [("uid", &uid_map), ("gid", &gid_map)] {
-        if idmap::classify(kind, map)? == MapKind::ManyToOne {
-            return Err(CliError::usage(format!(
-                "--{kind}-map: a many-to-one map (several disk ids shown as one view id) \
-                 {FUSE_NOT_YET}; kernel idmapped mounts are strictly one-to-one"
-            )));
+        if idmap::classify(kind, map)? == MapKind::ManyToOne && many_to_one.is_none() {
+            many_to_one = idmap::IdMap::new(map.clone(), idmap::Unmapped::Overflow)
+                .non_injective_reason(kind);
         }
     }
+    fuse |= many_to_one.is_some();
     if read_only {
         attrs.insert(MountAttrFlags::MOUNT_ATTR_RDONLY);
     }
@@ -188,6 +189,8 @@ pub fn plan(req: &Request) -> Result<Plan, CliError> {
         fs_params,
         uid_map,
         gid_map,
+        fuse,
+        many_to_one,
     })
 }
 
@@ -267,6 +270,7 @@ pub fn parse_helper_args(args: &[OsString]) -> Result<(Request, u8), CliError> {
             uid_map: Vec::new(),
             gid_map: Vec::new(),
             fuse: false,
+            foreground: false,
             fake,
         },
         verbose,
@@ -286,6 +290,7 @@ mod tests {
             uid_map: vec![],
             gid_map: vec![],
             fuse: false,
+            foreground: false,
             fake: false,
         }
     }
@@ -329,9 +334,7 @@ mod tests {
             "subdir=//./",
             "subdir=/a,ro=1",
             "subdir=/a,source=/dev/x",
-            "subdir=/a,fuse",
             "subdir=/a,uidmap=1:2",
-            "subdir=/a,uidmap=0:1000:1,uidmap=5:1000:1",
             "subdir=/a,gidmap=0:1000:2,gidmap=1:2000:1",
         ] {
             let e = plan(&req(bad)).unwrap_err();
@@ -340,10 +343,16 @@ mod tests {
         let mut r = req("subdir=/a,fstype=ext4");
         r.fstype = Some("xfs".into());
         assert!(plan(&r).is_err());
-        let mut r = req("subdir=/a");
-        r.fuse = true;
-        let e = plan(&r).unwrap_err();
-        assert!(e.error.to_string().contains("not supported yet"));
+    }
+
+    #[test]
+    fn many_to_one_maps_and_fuse_option_choose_fuse() {
+        let p = plan(&req("subdir=/a,uidmap=0:1000:1,uidmap=5:1000:1")).unwrap();
+        assert!(p.fuse && p.many_to_one.is_some());
+        let p = plan(&req("subdir=/a,fuse")).unwrap();
+        assert!(p.fuse && p.many_to_one.is_none());
+        let p = plan(&req("subdir=/a,uidmap=0:1000:1")).unwrap();
+        assert!(!p.fuse);
     }
 
     #[test]

@@ -376,17 +376,20 @@ fn target_source_and_fstype_errors_are_clear_and_leave_nothing_behind() {
     assert_refused(&f, &t, &f.img, &target, 1, "unknown filesystem type");
     let t = ["-o", "subdir=/foobar,frobnicate"];
     assert_refused(&f, &t, &f.img, &target, 1, "Unknown parameter 'frobnicate'");
-    let t = ["--fuse", "-o", "subdir=/foobar"];
-    assert_refused(&f, &t, &f.img, &target, 2, "not supported yet");
+    // Through FUSE, failures found by the daemon reach the caller with their status, and
+    // nothing is left: no loop device, no daemon.
+    let t = ["--fuse", "-o", "subdir=/nonexistent"];
+    assert_refused(&f, &t, &f.img, &target, 1, "does not exist");
     let t = [
         "--uid-map",
         "0:1000:1",
         "--uid-map",
         "5:1000:1",
         "-o",
-        "subdir=/foobar",
+        "subdir=/escape",
     ];
-    assert_refused(&f, &t, &f.img, &target, 2, "not supported yet");
+    assert_refused(&f, &t, &f.img, &target, 1, "outside the filesystem");
+    assert!(fuse_daemon_for(&target).is_none());
     let t = [
         "--gid-map",
         "0:1000:5",
@@ -406,6 +409,8 @@ fn target_source_and_fstype_errors_are_clear_and_leave_nothing_behind() {
     let busy = Mounted(target.clone());
     let before = mountinfo_line(&target);
     assert_refused(&f, &sub, &f.img, &target, 1, "busy");
+    let fuse = ["--fuse", "-o", "subdir=/foobar"];
+    assert_refused(&f, &fuse, &f.img, &target, 1, "busy");
     assert_eq!(mountinfo_line(&target), before);
     drop(busy);
     assert!(!is_mounted(&target));
@@ -630,5 +635,92 @@ fn private_namespace_fallback_for_older_kernels() {
         .arg(&target));
     assert_eq!(out.status.code(), Some(1));
     assert!(mountinfo_line(&target).is_none());
+    f.assert_no_loop();
+}
+
+/// The pid of the FUSE daemon serving `target`, found by its command line.
+fn fuse_daemon_for(target: &Path) -> Option<u32> {
+    let want = target.as_os_str().as_encoded_bytes();
+    fs::read_dir("/proc")
+        .ok()?
+        .filter_map(Result::ok)
+        .find_map(|p| {
+            let pid: u32 = p.file_name().to_str()?.parse().ok()?;
+            let cmd = fs::read(p.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+            (args.first()?.ends_with(b"subdir-mount") && args.contains(&want)).then_some(pid)
+        })
+}
+
+#[test]
+fn many_to_one_maps_are_served_read_only_through_fuse() {
+    let f = Fixture::new();
+    let target = f.dir("mnt");
+    let owners = |p: &str| {
+        let m = fs::metadata(target.join(p)).unwrap();
+        (m.uid(), m.gid())
+    };
+    // a.txt is owned by 0:0 and sub/b by 1234:2345 on disk: both are shown as 1000:1000.
+    let m = mount_ok(
+        &[
+            "--uid-map",
+            "0:1000:1",
+            "--uid-map",
+            "1234:1000:1",
+            "-o",
+            "subdir=/foobar,gidmap=0:1000:1,gidmap=2345:1000:1",
+        ],
+        &f.img,
+        &target,
+    );
+    let line = mountinfo_line(&target).unwrap();
+    assert!(line.contains(" - fuse"), "{line}");
+    assert_eq!(owners("a.txt"), (1000, 1000));
+    assert_eq!(owners("sub/b"), (1000, 1000));
+    assert_eq!(fs::read_to_string(target.join("sub/b")).unwrap(), "deep\n");
+    assert_eq!(names(&target), ["a.txt", "esc", "sub", "up"]);
+    let e = fs::write(target.join("a.txt"), "x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+    for p in ["up/secret", "esc/secret", "../secret"] {
+        assert!(fs::metadata(target.join(p)).is_err(), "{p} reachable");
+    }
+    // The filesystem is attached nowhere, and not even the daemon's own descriptors lead
+    // above the subdir: `..` of its root is the root.
+    assert!(top_level_mounts(&all_mountinfo(), &f.img).is_empty());
+    let pid = fuse_daemon_for(&target).expect("daemon running");
+    let mut dirs = 0;
+    for fd in fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let p = fd.unwrap().path();
+        if fs::metadata(&p).is_ok_and(|m| m.is_dir())
+            && let Ok(entries) = fs::read_dir(p.join(".."))
+        {
+            dirs += 1;
+            for e in entries {
+                let name = e.unwrap().file_name();
+                assert_ne!(name.to_str(), Some("secret"), "{} leads up", p.display());
+            }
+        }
+    }
+    assert!(dirs > 0);
+    // Plain umount ends the daemon and releases the loop device.
+    umount(m);
+    assert!(wait_until(Duration::from_secs(10), || fuse_daemon_for(
+        &target
+    )
+    .is_none()));
+    f.assert_no_loop();
+
+    // --fuse without maps: read-write, and the write lands in the image.
+    let m = mount_ok(&["--fuse", "-o", "subdir=/foobar"], &f.img, &target);
+    assert!(mountinfo_line(&target).unwrap().contains(" - fuse"));
+    fs::write(target.join("new.txt"), "through fuse\n").unwrap();
+    umount(m);
+    f.assert_no_loop();
+    let m = mount_ok(&["-o", "subdir=/foobar"], &f.img, &target);
+    assert_eq!(
+        fs::read_to_string(target.join("new.txt")).unwrap(),
+        "through fuse\n"
+    );
+    umount(m);
     f.assert_no_loop();
 }
