@@ -45,6 +45,18 @@ pub fn read_verified(
     offset: u64,
     len: usize,
 ) -> Result<Vec<u8>, ReadError> {
+    if blob.size == 0 {
+        // No block to check: the name itself must be that of empty content, or a blob named
+        // after other content would read as an empty file.
+        if blob.digest != fsverity_digest(0, &[0; HASH_SIZE]) {
+            return Err(ReadError::Corrupt {
+                digest: hex::encode(blob.digest),
+                what: "empty blob",
+                block: 0,
+            });
+        }
+        return Ok(Vec::new());
+    }
     if offset >= blob.size || len == 0 {
         return Ok(Vec::new());
     }
@@ -193,5 +205,57 @@ impl TreeCache {
     fn lock(&self) -> std::sync::MutexGuard<'_, TreeBlocks> {
         // Only whole inserts and removes happen under the lock, so a poisoned one is intact.
         self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A blob with no stored bytes at all.
+    struct NoBytes;
+    impl BlobBytes for NoBytes {
+        fn read_data(&self, _: u64, _: &mut [u8]) -> io::Result<()> {
+            Err(io::ErrorKind::UnexpectedEof.into())
+        }
+        fn read_tree(&self, _: u64, _: &mut [u8]) -> io::Result<()> {
+            Err(io::ErrorKind::UnexpectedEof.into())
+        }
+    }
+
+    /// Found with the oracle of the image fuzz target: an index entry of size 0 named after
+    /// other content read back as an empty file, since there was no block to check.
+    #[test]
+    fn empty_blob_must_carry_the_empty_digest() {
+        let cache = TreeCache::new(0);
+        let empty = fsverity_digest(0, &[0; HASH_SIZE]);
+        let good = Blob {
+            key: 0,
+            digest: empty,
+            size: 0,
+            bytes: NoBytes,
+        };
+        assert_eq!(read_verified(&good, &cache, 0, 4096).unwrap(), b"");
+        assert!(verify_all(&good, &cache).is_ok());
+        let mut other = empty;
+        other[0] ^= 1;
+        let bad = Blob {
+            key: 1,
+            digest: other,
+            size: 0,
+            bytes: NoBytes,
+        };
+        let err = read_verified(&bad, &cache, 0, 4096).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ReadError::Corrupt {
+                    what: "empty blob",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(verify_all(&bad, &cache).is_err());
     }
 }
