@@ -195,8 +195,9 @@ impl Header {
             }
         }
         let index_end = self
-            .index_offset
-            .checked_add(self.index_size.next_multiple_of(bs));
+            .index_size
+            .checked_next_multiple_of(bs)
+            .and_then(|padded| self.index_offset.checked_add(padded));
         if index_end != Some(self.tree_offset) {
             return bad("tree_offset", "does not follow the padded index".into());
         }
@@ -431,6 +432,26 @@ mod tests {
             Header::decode(&h.encode()),
             Err(HeaderError::UnknownFeatures(1))
         );
+    }
+
+    /// Found by the resource-limit test of `tests/tamper.rs`: an index of `u64::MAX / 64`
+    /// entries overflowed while being padded to a block (a panic with overflow checks, a
+    /// wrapped offset without).
+    #[test]
+    fn index_size_near_the_top_of_u64_is_refused_without_overflow() {
+        let mut h = sample();
+        h.blob_count = u64::MAX / ENTRY_SIZE as u64;
+        h.index_size = h.blob_count * ENTRY_SIZE as u64;
+        // What the padded index end wraps around to.
+        h.tree_offset = INDEX_OFFSET;
+        h.data_offset = INDEX_OFFSET;
+        h.tree_size = 0;
+        h.data_size = 0;
+        h.image_size = INDEX_OFFSET;
+        assert!(matches!(
+            Header::decode(&h.encode()),
+            Err(HeaderError::Layout("tree_offset", _))
+        ));
     }
 
     #[test]

@@ -424,3 +424,57 @@ fn random_multi_byte_damage_never_returns_wrong_bytes() {
     );
     assert!(refused > 0 && failed > 0);
 }
+
+/// A consistent header whose index claims `blob_count` entries and nothing else.
+fn huge_header(blob_count: u64) -> blobfs::format::Header {
+    let index_size = blob_count * 64;
+    // Padding the largest counts wraps around: the offsets a forger would write.
+    let tree_offset = index_size
+        .checked_next_multiple_of(BS)
+        .map_or(INDEX_OFFSET, |n| INDEX_OFFSET.wrapping_add(n));
+    blobfs::format::Header {
+        version: blobfs::format::VERSION,
+        block_size: BLOCK_SIZE as u32,
+        blob_count,
+        index_offset: INDEX_OFFSET,
+        index_size,
+        tree_offset,
+        data_offset: tree_offset,
+        image_size: tree_offset,
+        ..Default::default()
+    }
+}
+
+/// Headers claiming billions of blobs are refused before anything is allocated for them:
+/// by the file length when the file is short, by the index limit when it is long enough
+/// (a sparse file of more than 1 GiB).
+#[test]
+fn huge_counts_are_refused_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge");
+    let sig = blobfs::format::encode_signature_block(&[]);
+    for (count, sparse_len) in [
+        (1u64 << 40, 0u64),
+        (u64::MAX / 64, 0),
+        (((1u64 << 30) / 64) + 1, (1 << 30) + 4 * BS),
+    ] {
+        let h = huge_header(count);
+        let f = File::create(&path).unwrap();
+        f.write_all_at(&h.encode(), 0).unwrap();
+        f.write_all_at(&sig, SIGNATURE_BLOCK_OFFSET).unwrap();
+        if sparse_len > 0 {
+            f.set_len(h.image_size.max(sparse_len)).unwrap();
+        }
+        drop(f);
+        let e = Image::open(&path, &OpenOptions::default()).unwrap_err();
+        let msg = e.to_string();
+        if sparse_len > 0 {
+            assert!(matches!(e, ImageError::IndexTooLarge { .. }), "{msg}");
+        } else {
+            assert!(
+                matches!(e, ImageError::Truncated { .. } | ImageError::Header { .. }),
+                "{count}: {msg}"
+            );
+        }
+    }
+}
