@@ -31,6 +31,7 @@ install: build man
 	# mount.subdir (fstab type "subdir") is subdir-mount under another name.
 	ln -sf subdir-mount $(DESTDIR)$(SBINDIR)/mount.subdir
 	install -m 0755 $(REL)/idmap-overlay $(DESTDIR)$(SBINDIR)/idmap-overlay
+	install -m 0755 $(REL)/loop-immutable $(DESTDIR)$(SBINDIR)/loop-immutable
 	install -m 0644 $(TARGET_DIR)/man/*.1 $(DESTDIR)$(MANDIR)/man1/
 	install -m 0644 $(TARGET_DIR)/man/*.8 $(DESTDIR)$(MANDIR)/man8/
 
@@ -40,6 +41,7 @@ uninstall:
 	rm -f $(DESTDIR)$(MANDIR)/man1/blobfs*.1 $(DESTDIR)$(MANDIR)/man8/mkfs.blobfs.8
 	rm -f $(DESTDIR)$(SBINDIR)/subdir-mount $(DESTDIR)$(SBINDIR)/mount.subdir $(DESTDIR)$(MANDIR)/man8/subdir-mount.8
 	rm -f $(DESTDIR)$(SBINDIR)/idmap-overlay $(DESTDIR)$(MANDIR)/man8/idmap-overlay.8
+	rm -f $(DESTDIR)$(SBINDIR)/loop-immutable $(DESTDIR)$(MANDIR)/man8/loop-immutable.8 $(DESTDIR)$(MANDIR)/man1/loop-immutable-*.1
 
 check:
 	./check

@@ -364,6 +364,11 @@ pub fn detach(target: Option<&Path>, all: bool) -> Result<(), CliError> {
             "detach needs a device, a mount point or --all",
         ));
     };
+    // A ublk device whose daemon was killed has lost its /dev node: match the name as given.
+    let recorded = target.to_string_lossy();
+    if !target.exists() && state::all().iter().any(|s| s.device == recorded) {
+        return detach_device(&recorded);
+    }
     let meta = std::fs::metadata(target).map_err(|e| fail(format!("{}: {e}", target.display())))?;
     let device = if meta.is_dir() {
         let dev = mounted_device(target)
@@ -431,7 +436,7 @@ fn detach_device(device: &str) -> Result<(), CliError> {
     tracing::warn!("{device}: daemon {} is gone; cleaning up", s.pid);
     match s.backend {
         Backend::Ublk => crate::ublk::delete(s.ublk_id),
-        Backend::Fuse => crate::fuse::release_loop(device),
+        Backend::Fuse => crate::fuse::release_loop(device, s.pid),
     }
     state::remove(device);
     let v = recheck_dead(&s)?;

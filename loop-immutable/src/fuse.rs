@@ -268,16 +268,30 @@ fn attach_loop(
     Err(fail(last))
 }
 
-/// Detach a loop device whose daemon died (autoclear normally did it already).
-pub fn release_loop(device: &str) {
-    if let Ok(f) = File::open(device) {
+fn mount_dir(pid: u32) -> PathBuf {
+    crate::state::dir().join(format!("fuse.{pid}"))
+}
+
+/// Clean up after daemon `pid`, which died: detach its loop device unless autoclear did it
+/// already. The device number may have been reused since, so only a device still backed by
+/// that daemon's FUSE file is touched.
+pub fn release_loop(device: &str, pid: u32) {
+    let dir = mount_dir(pid);
+    let backing = format!(
+        "/sys/block/{}/loop/backing_file",
+        device.trim_start_matches("/dev/")
+    );
+    let ours = std::fs::read_to_string(&backing)
+        .is_ok_and(|b| Path::new(b.trim_end()) == dir.join(FILE_NAME));
+    if ours && let Ok(f) = File::open(device) {
         let _ = sys::loop_clr_fd(f.as_fd());
     }
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// Serve until a signal asks to detach.
 pub fn serve(engine: Arc<Engine>, block_size: u32, ready: Ready) -> Result<(), CliError> {
-    let dir: PathBuf = crate::state::dir().join(format!("fuse.{}", std::process::id()));
+    let dir = mount_dir(std::process::id());
     std::fs::create_dir_all(&dir)
         .map_err(|e| fail(format!("cannot create {}: {e}", dir.display())))?;
     let result = serve_in(&engine, block_size, ready, &dir);

@@ -103,11 +103,16 @@ pub fn serve(engine: Arc<Engine>, block_size: u32, ready: Ready) -> Result<(), C
             .build()
             .map_err(|e| fail(format!("cannot create a ublk device: {e}")))?,
     );
-    let c2 = ctrl.clone();
-    on_signals(move || {
-        if let Err(e) = c2.kill_dev() {
-            tracing::warn!("stopping the ublk device: {e}");
+    // libublk's control ring is per thread: the signal thread talks to the device through a
+    // control handle of its own.
+    let id = ctrl.dev_info().dev_id as i32;
+    on_signals(move || match UblkCtrl::new_simple(id) {
+        Ok(c) => {
+            if let Err(e) = c.kill_dev() {
+                tracing::warn!("stopping ublk device {id}: {e}");
+            }
         }
+        Err(e) => tracing::warn!("ublk device {id}: {e}"),
     })?;
     let writable = engine.writable();
     let size = engine.size() / u64::from(block_size) * u64::from(block_size);

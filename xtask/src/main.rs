@@ -20,6 +20,7 @@ fn man(dir: &Path) -> Result<()> {
         (blobfs_mkfs::cli::Cli::command(), "mkfs.blobfs.8"),
         (subdir_mount::cli::Cli::command(), "subdir-mount.8"),
         (idmap_overlay::cli::Cli::command(), "idmap-overlay.8"),
+        (loop_immutable::cli::Cli::command(), "loop-immutable.8"),
     ];
     for (cmd, file) in pages {
         write_page(cmd.clone(), &dir.join(file))?;
