@@ -183,7 +183,12 @@ impl Report {
 pub fn verify(path: &Path) -> io::Result<Report> {
     let text = std::fs::read(path)
         .map_err(|e| with_context(e, &format!("audit log {}", path.display())))?;
-    verify_bytes(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    verify_bytes(&text).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("audit log {}: {e}", path.display()),
+        )
+    })
 }
 
 /// Check the chain and collect the sessions. An error names the first bad line.
