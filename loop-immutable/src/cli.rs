@@ -136,3 +136,52 @@ fn parse_block_size(s: &str) -> Result<u32, String> {
         _ => Err("must be 512 or 4096".into()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn attach_defaults_and_conflicts() {
+        let c = Cli::try_parse_from(["loop-immutable", "attach", "img"]).unwrap();
+        let Command::Attach { opts, .. } = c.command else {
+            panic!("not attach")
+        };
+        assert_eq!(opts.logical_block_size, 512);
+        assert_eq!(opts.backend, Backend::Ublk);
+        assert!(opts.cow.is_none() && !opts.cow_mem);
+        for bad in [
+            &["loop-immutable", "attach", "--cow", "x", "--cow-mem", "img"][..],
+            &["loop-immutable", "attach", "--expect-sha256", "abc", "img"],
+            &[
+                "loop-immutable",
+                "attach",
+                "--logical-block-size",
+                "2048",
+                "img",
+            ],
+            &["loop-immutable", "detach", "/dev/ublkb0", "--all"],
+            &["loop-immutable", "detach"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
+        let c = Cli::try_parse_from([
+            "loop-immutable",
+            "attach",
+            "--expect-sha256",
+            &"AB".repeat(32),
+            "i",
+        ])
+        .unwrap();
+        let Command::Attach { opts, .. } = c.command else {
+            panic!("not attach")
+        };
+        assert_eq!(opts.expect_sha256, Some("ab".repeat(32)));
+    }
+}
