@@ -337,7 +337,14 @@ fn raw_writes_and_fsck_through_cow_memory() {
 fn killed_daemon_fails_io_with_eio_and_leaves_the_image_alone() {
     let env = Env::new();
     let img = env.p("img");
-    fs::write(&img, pseudo_random_bytes(3, 8 << 20)).unwrap();
+    // Large enough (sparse) that the writer below is still busy when the daemon dies.
+    fs::write(&img, pseudo_random_bytes(3, 1 << 20)).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
     let before = stamp(&img);
     let log = env.p("audit.jsonl");
     let dev = env.ok(&[
@@ -360,12 +367,15 @@ fn killed_daemon_fails_io_with_eio_and_leaves_the_image_alone() {
         .arg("if=/dev/urandom")
         .arg(format!("of={dev}"))
         .args(["bs=64k", "oflag=direct", "status=none"])
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
-    let status = writer.wait().unwrap();
-    assert!(!status.success(), "dd survived the daemon's death");
+    let out = writer.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "dd survived the daemon's death");
+    assert!(err.contains("Input/output error"), "{err}");
     let rd = run(Command::new("dd").arg(format!("if={dev}")).args([
         "of=/dev/null",
         "bs=4096",
@@ -445,4 +455,35 @@ fn refuses_bad_input_with_a_message() {
     }
     assert_eq!(env.devices(), 0);
     assert_eq!(stamp(&img), before, "the image changed");
+}
+
+#[test]
+fn an_external_change_is_reported_at_detach() {
+    let env = Env::new();
+    let img = env.p("img");
+    fs::write(&img, pseudo_random_bytes(8, 1 << 20)).unwrap();
+    let log = env.p("audit.jsonl");
+    let dev = env.ok(&[
+        "attach",
+        "--audit",
+        log.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    let dev = dev.trim();
+    // Someone else writes to the evidence while it is attached.
+    let f = fs::OpenOptions::new().write(true).open(&img).unwrap();
+    std::os::unix::fs::FileExt::write_at(&f, b"tampered", 4096).unwrap();
+    drop(f);
+    let out = env.run(&["detach", dev]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("CHANGED") && err.contains("sha256 changed"),
+        "{err}"
+    );
+    assert_eq!(env.devices(), 0);
+    // The chain itself is intact, but the session shows the change.
+    let out = env.run(&["verify-audit", log.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("changed image"));
 }
