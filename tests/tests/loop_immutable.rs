@@ -363,7 +363,7 @@ fn killed_daemon_fails_io_with_eio_and_leaves_the_image_alone() {
         .and_then(|s| s.parse().ok())
         .unwrap();
     // I/O in flight while the daemon dies.
-    let mut writer = Command::new("dd")
+    let writer = Command::new("dd")
         .arg("if=/dev/urandom")
         .arg(format!("of={dev}"))
         .args(["bs=64k", "oflag=direct", "status=none"])
