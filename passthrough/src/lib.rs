@@ -21,8 +21,8 @@ pub mod xattr_ids;
 use fuser::{
     AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use idmap::IdMap;
 use rustix::fs::{self as rfs, AtFlags, Gid, Mode, OFlags, ResolveFlags, Stat, Uid};
@@ -492,9 +492,12 @@ impl PassthroughFs {
         lock(&self.files).get(&fh.0).cloned().ok_or(Errno::EBADF)
     }
 
+    /// The caller's open flags, minus those that were already acted on by the kernel or must
+    /// not reach the `/proc/self/fd` reopen: O_NOFOLLOW there would refuse the magic link
+    /// itself (ELOOP), while the object is already known not to be a symlink.
     fn io_flags(flags: i32) -> OFlags {
         OFlags::from_bits_retain(flags as u32)
-            & !(OFlags::CREATE | OFlags::EXCL | OFlags::NOCTTY | OFlags::TRUNC)
+            & !(OFlags::CREATE | OFlags::EXCL | OFlags::NOCTTY | OFlags::TRUNC | OFlags::NOFOLLOW)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -585,6 +588,29 @@ impl PassthroughFs {
         Ok(self.attr(ino.0, &st))
     }
 
+    /// The kernel forgot `n` lookups of `id`; drop the object once none is left.
+    fn drop_lookups(&self, id: u64, n: u64) {
+        let mut t = lock(&self.table);
+        let Some(entry) = t.nodes.get_mut(&id) else {
+            return;
+        };
+        entry.1 = entry.1.saturating_sub(n);
+        if entry.1 > 0 || id == ROOT {
+            return;
+        }
+        let Some((node, _)) = t.nodes.remove(&id) else {
+            return;
+        };
+        // The held descriptor pins the inode, so its (dev, ino) key cannot have been reused;
+        // only if fstat fails is the key looked up by value.
+        match fstat(node.fd.as_fd()) {
+            Ok(st) if t.by_key.get(&(st.st_dev, st.st_ino)) == Some(&id) => {
+                t.by_key.remove(&(st.st_dev, st.st_ino));
+            }
+            _ => t.by_key.retain(|_, v| *v != id),
+        }
+    }
+
     fn xattr_target(&self, ino: INodeNo) -> Result<(Arc<Inode>, String), Errno> {
         let node = self.node(ino)?;
         if !matches!(node.kind, FileType::RegularFile | FileType::Directory) {
@@ -608,6 +634,10 @@ impl Filesystem for PassthroughFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
         let _ = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS);
+        // Listings carry each entry's attributes, so `ls -l`, `find -ls` and `tar c` need no
+        // LOOKUP round trip per entry (adaptive: plain READDIR when nothing is looked up).
+        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
+        let _ = config.add_capabilities(InitFlags::FUSE_READDIRPLUS_AUTO);
         // The kernel then enforces ACLs (with mapped ids, as read through getxattr) instead of
         // mode bits alone, whose group class is only the ACL mask.
         let _ = config.add_capabilities(InitFlags::FUSE_POSIX_ACL);
@@ -632,21 +662,7 @@ impl Filesystem for PassthroughFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        let mut t = lock(&self.table);
-        let Some(entry) = t.nodes.get_mut(&ino.0) else {
-            return;
-        };
-        entry.1 = entry.1.saturating_sub(nlookup);
-        if entry.1 == 0 && ino.0 != ROOT {
-            let (node, _) = t.nodes.remove(&ino.0).expect("present");
-            if let Ok(st) = fstat(node.fd.as_fd()) {
-                t.by_key.remove(&(st.st_dev, st.st_ino));
-            }
-            if node.kind != FileType::Directory {
-                // Rare: a file's key may also be stale; drop any key that points here.
-                t.by_key.retain(|_, v| *v != ino.0);
-            }
-        }
+        self.drop_lookups(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -1077,6 +1093,63 @@ impl Filesystem for PassthroughFs {
             ) {
                 break;
             }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(entries) = lock(&self.dirs).get(&fh.0).cloned() else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        let dir = match self.node(ino) {
+            Ok(d) => d,
+            Err(e) => return reply.error(e),
+        };
+        let mut added = 0;
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            let name = OsStr::from_bytes(&e.name);
+            // The kernel takes no reference for `.` and `..`: attributes only, no lookup.
+            let dots = e.name == b"." || e.name == b"..";
+            let attr = if dots {
+                match fstat(dir.fd.as_fd()) {
+                    Ok(st) => FileAttr {
+                        ino: INodeNo(e.ino),
+                        ..self.attr(ino.0, &st)
+                    },
+                    Err(_) => continue,
+                }
+            } else {
+                match self.do_lookup(&dir, name) {
+                    Ok(a) => a,
+                    // Removed since opendir: not listed.
+                    Err(err) if err == Errno::ENOENT => continue,
+                    Err(err) if added == 0 => return reply.error(err),
+                    // Report the error on the next call, starting at this entry.
+                    Err(_) => break,
+                }
+            };
+            if reply.add(
+                attr.ino,
+                i as u64 + 1,
+                name,
+                &self.opts.ttl,
+                &attr,
+                Generation(0),
+            ) {
+                if !dots {
+                    self.drop_lookups(attr.ino.0, 1);
+                }
+                break;
+            }
+            added += 1;
         }
         reply.ok();
     }
