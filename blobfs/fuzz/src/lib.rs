@@ -40,12 +40,8 @@ fn harness_key() -> &'static SigningKey {
 fn scratch_path() -> &'static PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
-        let dir = PathBuf::from("/dev/shm");
-        let dir = if dir.is_dir() {
-            dir
-        } else {
-            std::env::temp_dir()
-        };
+        // scripts/fuzz points TMPDIR at a directory it removes afterwards.
+        let dir = std::env::temp_dir();
         dir.join(format!("blobfs-fuzz.{}", std::process::id()))
     })
 }

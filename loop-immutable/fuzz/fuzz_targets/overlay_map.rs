@@ -10,12 +10,8 @@ use std::sync::OnceLock;
 fn data_path() -> &'static PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
-        let dir = PathBuf::from("/dev/shm");
-        let dir = if dir.is_dir() {
-            dir
-        } else {
-            std::env::temp_dir()
-        };
+        // scripts/fuzz points TMPDIR at a directory it removes afterwards.
+        let dir = std::env::temp_dir();
         dir.join(format!("loop-immutable-fuzz.{}", std::process::id()))
     })
 }
