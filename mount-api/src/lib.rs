@@ -1,5 +1,5 @@
 //! The parts of the Linux mount machinery that neither rustix nor nix wrap, made safe: loop
-//! devices ([`loopdev`]) and idmapped mounts ([`set_idmap`], with the user namespace that
+//! devices ([`loopdev`]), file handles ([`name_to_handle`], [`open_by_handle`]) and idmapped mounts ([`set_idmap`], with the user namespace that
 //! carries the maps from [`userns`]). All of the project's mount-related `unsafe` code is in
 //! the private `sys` module, one small function per system call or ioctl.
 //!
@@ -10,6 +10,8 @@
 pub mod loopdev;
 mod sys;
 pub mod userns;
+
+pub use sys::{FileHandle, name_to_handle, open_by_handle};
 
 use rustix::mount::{MountAttrFlags, MoveMountFlags, OpenTreeFlags, move_mount, open_tree};
 use std::io;

@@ -1,9 +1,10 @@
-//! The only unsafe code of the crate: the loop-device ioctls and `mount_setattr(2)`, which
-//! neither rustix nor nix wrap. Each function here is a thin, safe wrapper around one call.
+//! The only unsafe code of the crate: the loop-device ioctls, `mount_setattr(2)` and the
+//! file-handle calls, which neither rustix nor nix wrap. Each function here is a thin, safe
+//! wrapper around one call.
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// `<linux/loop.h>` ioctl numbers.
 const LOOP_CLR_FD: libc::Ioctl = 0x4C01;
@@ -156,4 +157,77 @@ pub fn mount_setattr_idmap(
         )
     };
     check(ret).map(drop)
+}
+
+/// `MAX_HANDLE_SZ` from `<linux/exportfs.h>`.
+const MAX_HANDLE_SZ: usize = 128;
+
+/// `struct file_handle` with room for the largest handle.
+#[repr(C)]
+struct RawFileHandle {
+    handle_bytes: u32,
+    handle_type: i32,
+    f_handle: [u8; MAX_HANDLE_SZ],
+}
+
+/// A file handle: names an inode of a filesystem without holding it open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileHandle {
+    handle_type: i32,
+    bytes: Vec<u8>,
+}
+
+/// `name_to_handle_at(fd, "", AT_EMPTY_PATH)`: the handle of the object `fd` refers to.
+pub fn name_to_handle(fd: BorrowedFd<'_>) -> io::Result<FileHandle> {
+    let mut raw = RawFileHandle {
+        handle_bytes: MAX_HANDLE_SZ as u32,
+        handle_type: 0,
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `raw` is a `struct file_handle` whose `handle_bytes` announces exactly the room
+    // it has; the path is a static NUL-terminated empty string (AT_EMPTY_PATH); `mount_id` is
+    // a valid int; the fd is borrowed, hence open. The kernel keeps no pointer.
+    let ret = unsafe {
+        libc::name_to_handle_at(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            (&mut raw as *mut RawFileHandle).cast(),
+            &mut mount_id,
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    check(ret.into())?;
+    let n = (raw.handle_bytes as usize).min(MAX_HANDLE_SZ);
+    Ok(FileHandle {
+        handle_type: raw.handle_type,
+        bytes: raw.f_handle[..n].to_vec(),
+    })
+}
+
+/// `open_by_handle_at(mount, handle, flags)`: open the object named by `handle` on the
+/// filesystem `mount` is on (needs CAP_DAC_READ_SEARCH). ESTALE if it no longer exists.
+pub fn open_by_handle(
+    mount: BorrowedFd<'_>,
+    handle: &FileHandle,
+    flags: i32,
+) -> io::Result<OwnedFd> {
+    let mut raw = RawFileHandle {
+        handle_bytes: handle.bytes.len() as u32,
+        handle_type: handle.handle_type,
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    raw.f_handle[..handle.bytes.len()].copy_from_slice(&handle.bytes);
+    // SAFETY: `raw` is a `struct file_handle` whose `handle_bytes` is at most MAX_HANDLE_SZ
+    // (it came from name_to_handle); the fd is borrowed, hence open.
+    let ret = unsafe {
+        libc::open_by_handle_at(
+            mount.as_raw_fd(),
+            (&mut raw as *mut RawFileHandle).cast(),
+            flags | libc::O_CLOEXEC,
+        )
+    };
+    let fd = check(ret.into())?;
+    // SAFETY: open_by_handle_at returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }

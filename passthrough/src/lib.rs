@@ -31,7 +31,7 @@ use std::ffi::OsStr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use xattr_ids::Direction;
@@ -116,8 +116,14 @@ impl Default for Options {
 }
 
 struct Inode {
-    /// `O_PATH | O_NOFOLLOW` descriptor of the object.
-    fd: OwnedFd,
+    /// `O_PATH | O_NOFOLLOW` descriptor of the object, while the descriptor budget lasts.
+    fd: Option<OwnedFd>,
+    /// Beyond it, a file handle that is opened for each use: a tree with more objects than the
+    /// process may have open files is still served (the kernel may keep every one of them
+    /// looked up).
+    handle: Option<mount_api::FileHandle>,
+    /// `(st_dev, st_ino)`.
+    key: (u64, u64),
     kind: FileType,
     /// The passthrough backing file shared by all open handles of this inode.
     backing: Mutex<Weak<BackingId>>,
@@ -129,6 +135,21 @@ struct Table {
     nodes: HashMap<u64, (Arc<Inode>, u64)>,
     by_key: HashMap<(u64, u64), u64>,
     next: u64,
+}
+
+/// A descriptor for an inode: its own, or one opened from its file handle for this use.
+enum PathFd<'a> {
+    Held(BorrowedFd<'a>),
+    Opened(OwnedFd),
+}
+
+impl AsFd for PathFd<'_> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            PathFd::Held(fd) => *fd,
+            PathFd::Opened(fd) => fd.as_fd(),
+        }
+    }
 }
 
 struct Handle {
@@ -155,6 +176,11 @@ pub struct PassthroughFs {
     next_fh: AtomicU64,
     /// `/proc/self/fd`, to reopen `O_PATH` descriptors.
     proc_fd: OwnedFd,
+    /// The source's root, for `open_by_handle_at`.
+    mount_fd: OwnedFd,
+    /// Inodes holding a descriptor, and how many may.
+    held_fds: AtomicUsize,
+    fd_budget: usize,
     map: Arc<dyn IdMapper>,
     opts: Options,
     passthrough_on: AtomicBool,
@@ -223,6 +249,14 @@ fn raise_fd_limit() {
     }
 }
 
+/// How many inodes may hold a descriptor: half the open-file limit, leaving the rest for open
+/// files and directory reads. Past that, inodes are kept as file handles.
+fn fd_budget() -> usize {
+    use nix::sys::resource::{Resource, getrlimit};
+    let soft = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
+    usize::try_from(soft / 2).unwrap_or(usize::MAX).max(64)
+}
+
 impl PassthroughFs {
     /// Serve `source`. Sets the process umask to 0: modes from the kernel are already masked.
     pub fn new(
@@ -258,8 +292,17 @@ impl PassthroughFs {
             next: SYNTHETIC_BASE,
             ..Table::default()
         };
+        // open_by_handle_at wants a real descriptor on the filesystem, not an O_PATH one.
+        let mount_fd = rfs::openat(
+            &proc_fd,
+            root.as_raw_fd().to_string(),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
         let inode = Inode {
-            fd: root,
+            fd: Some(root),
+            handle: None,
+            key: root_key,
             kind: FileType::Directory,
             backing: Mutex::new(Weak::new()),
         };
@@ -272,6 +315,9 @@ impl PassthroughFs {
             dirs: Mutex::default(),
             next_fh: AtomicU64::new(1),
             proc_fd,
+            mount_fd,
+            held_fds: AtomicUsize::new(1),
+            fd_budget: fd_budget(),
             map,
             passthrough_on: AtomicBool::new(false),
             passthrough_warned: AtomicBool::new(false),
@@ -299,8 +345,17 @@ impl PassthroughFs {
         if let Some(&id) = t.by_key.get(&key)
             && let Some(entry) = t.nodes.get_mut(&id)
         {
-            entry.1 += 1;
-            return id;
+            // A handle-only inode does not pin its inode number: after a delete the number
+            // may name a new object, which the handle (with its generation) tells apart.
+            let same = match &entry.0.handle {
+                Some(h) => mount_api::name_to_handle(fd.as_fd()).is_ok_and(|new| new == *h),
+                None => true,
+            };
+            if same {
+                entry.1 += 1;
+                return id;
+            }
+            t.by_key.remove(&key);
         }
         let id = if key == self.root_key {
             ROOT
@@ -315,8 +370,23 @@ impl PassthroughFs {
             t.next += 1;
             id
         };
+        // Over budget, and on the source's own filesystem (the root is the mount fd for
+        // open_by_handle_at): keep a file handle instead of the descriptor, if it has one.
+        let over = self.held_fds.load(Ordering::Relaxed) >= self.fd_budget;
+        let handle = (over && key.0 == self.root_key.0)
+            .then(|| mount_api::name_to_handle(fd.as_fd()).ok())
+            .flatten();
+        let fd = match handle {
+            Some(_) => None,
+            None => {
+                self.held_fds.fetch_add(1, Ordering::Relaxed);
+                Some(fd)
+            }
+        };
         let inode = Inode {
             fd,
+            handle,
+            key,
             kind: kind_of(st.st_mode),
             backing: Mutex::new(Weak::new()),
         };
@@ -349,7 +419,7 @@ impl PassthroughFs {
     fn do_lookup(&self, parent: &Inode, name: &OsStr) -> Result<FileAttr, Errno> {
         check_name(name)?;
         let fd = rfs::openat2(
-            &parent.fd,
+            &self.path_fd(parent)?,
             name,
             OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
@@ -361,23 +431,36 @@ impl PassthroughFs {
         Ok(self.attr(id, &st))
     }
 
+    /// A descriptor for `node` (`O_PATH`): its own, or opened from its file handle.
+    fn path_fd<'a>(&self, node: &'a Inode) -> Result<PathFd<'a>, Errno> {
+        if let Some(fd) = &node.fd {
+            return Ok(PathFd::Held(fd.as_fd()));
+        }
+        let h = node.handle.as_ref().ok_or(Errno::ESTALE)?;
+        mount_api::open_by_handle(self.mount_fd.as_fd(), h, libc::O_PATH | libc::O_NOFOLLOW)
+            .map(PathFd::Opened)
+            .map_err(|e| Errno::from_i32(e.raw_os_error().unwrap_or(libc::ESTALE)))
+    }
+
     /// Reopen an object for I/O. Only regular files and directories: a symlink would be
     /// followed by the `/proc` magic link.
     fn reopen(&self, node: &Inode, flags: OFlags) -> Result<OwnedFd, Errno> {
         if !matches!(node.kind, FileType::RegularFile | FileType::Directory) {
             return Err(Errno::EINVAL);
         }
+        if let (None, Some(h)) = (&node.fd, &node.handle) {
+            let flags = (flags | OFlags::CLOEXEC).bits() as i32;
+            return mount_api::open_by_handle(self.mount_fd.as_fd(), h, flags)
+                .map_err(|e| Errno::from_i32(e.raw_os_error().unwrap_or(libc::ESTALE)));
+        }
+        let fd = self.path_fd(node)?;
         rfs::openat(
             &self.proc_fd,
-            node.fd.as_raw_fd().to_string(),
+            fd.as_fd().as_raw_fd().to_string(),
             flags | OFlags::CLOEXEC,
             Mode::empty(),
         )
         .map_err(errno)
-    }
-
-    fn proc_path(&self, node: &Inode) -> String {
-        format!("/proc/self/fd/{}", node.fd.as_raw_fd())
     }
 
     /// Refuse a change: read-only mount, or an object whose owner has no mapping.
@@ -385,7 +468,7 @@ impl PassthroughFs {
         if self.opts.read_only {
             return Err(Errno::EROFS);
         }
-        let st = fstat(node.fd.as_fd())?;
+        let st = fstat(self.path_fd(node)?.as_fd())?;
         if !self.map.writable_owner(st.st_uid, st.st_gid) {
             return Err(denied);
         }
@@ -425,9 +508,10 @@ impl PassthroughFs {
         let p = self.node(parent)?;
         let pst = self.check_change(&p, Errno::EACCES)?;
         let (uid, gid) = self.caller(req)?;
-        make(p.fd.as_fd()).map_err(errno)?;
+        let pfd = self.path_fd(&p)?;
+        make(pfd.as_fd()).map_err(errno)?;
         let fd = rfs::openat(
-            &p.fd,
+            &pfd,
             name,
             OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
@@ -529,7 +613,7 @@ impl PassthroughFs {
         };
         if new_uid.is_some() || new_gid.is_some() {
             rfs::chownat(
-                &node.fd,
+                &self.path_fd(&node)?,
                 "",
                 new_uid.map(Uid::from_raw),
                 new_gid.map(Gid::from_raw),
@@ -541,8 +625,9 @@ impl PassthroughFs {
             if node.kind == FileType::Symlink {
                 return Err(Errno::EOPNOTSUPP);
             }
-            rfs::chmod(self.proc_path(&node), Mode::from_bits_retain(mode & 0o7777))
-                .map_err(errno)?;
+            let fd = self.path_fd(&node)?;
+            let path = format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd());
+            rfs::chmod(path, Mode::from_bits_retain(mode & 0o7777)).map_err(errno)?;
         }
         if let Some(size) = size {
             let fd = self.reopen(&node, OFlags::WRONLY)?;
@@ -576,15 +661,16 @@ impl PassthroughFs {
                 last_access: ts(atime),
                 last_modification: ts(mtime),
             };
+            let fd = self.path_fd(&node)?;
             rfs::utimensat(
                 &self.proc_fd,
-                node.fd.as_raw_fd().to_string(),
+                fd.as_fd().as_raw_fd().to_string(),
                 &times,
                 AtFlags::empty(),
             )
             .map_err(errno)?;
         }
-        let st = fstat(node.fd.as_fd())?;
+        let st = fstat(self.path_fd(&node)?.as_fd())?;
         Ok(self.attr(ino.0, &st))
     }
 
@@ -601,23 +687,29 @@ impl PassthroughFs {
         let Some((node, _)) = t.nodes.remove(&id) else {
             return;
         };
-        // The held descriptor pins the inode, so its (dev, ino) key cannot have been reused;
-        // only if fstat fails is the key looked up by value.
-        match fstat(node.fd.as_fd()) {
-            Ok(st) if t.by_key.get(&(st.st_dev, st.st_ino)) == Some(&id) => {
-                t.by_key.remove(&(st.st_dev, st.st_ino));
-            }
-            _ => t.by_key.retain(|_, v| *v != id),
+        if node.fd.is_some() {
+            self.held_fds.fetch_sub(1, Ordering::Relaxed);
+        }
+        // The key may already name a newer object (an inode number reused after a handle-only
+        // inode was deleted): only remove it if it is still ours.
+        if t.by_key.get(&node.key) == Some(&id) {
+            t.by_key.remove(&node.key);
         }
     }
 
-    fn xattr_target(&self, ino: INodeNo) -> Result<(Arc<Inode>, String), Errno> {
+    /// The inode, a descriptor of it that lives as long as the caller keeps it, and its
+    /// `/proc/self/fd` path (xattr calls do not take `O_PATH` descriptors).
+    fn xattr_target(&self, ino: INodeNo) -> Result<(Arc<Inode>, OwnedFd, String), Errno> {
         let node = self.node(ino)?;
         if !matches!(node.kind, FileType::RegularFile | FileType::Directory) {
             return Err(Errno::ENOTSUP);
         }
-        let path = self.proc_path(&node);
-        Ok((node, path))
+        let fd = match self.path_fd(&node)? {
+            PathFd::Held(fd) => rustix::io::fcntl_dupfd_cloexec(fd, 0).map_err(errno)?,
+            PathFd::Opened(fd) => fd,
+        };
+        let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        Ok((node, fd, path))
     }
 }
 
@@ -668,7 +760,7 @@ impl Filesystem for PassthroughFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self
             .node(ino)
-            .and_then(|n| fstat(n.fd.as_fd()).map(|st| self.attr(ino.0, &st)))
+            .and_then(|n| fstat(self.path_fd(&n)?.as_fd()).map(|st| self.attr(ino.0, &st)))
         {
             Ok(a) => reply.attr(&self.opts.ttl, &a),
             Err(e) => reply.error(e),
@@ -701,7 +793,7 @@ impl Filesystem for PassthroughFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let r = self.node(ino).and_then(|n| {
-            rfs::readlinkat(&n.fd, "", Vec::new())
+            rfs::readlinkat(&self.path_fd(&n)?, "", Vec::new())
                 .map(|t| t.into_bytes())
                 .map_err(errno)
         });
@@ -758,7 +850,7 @@ impl Filesystem for PassthroughFs {
         let r = check_name(name).and_then(|()| {
             let p = self.node(parent)?;
             self.check_change(&p, Errno::EACCES)?;
-            rfs::unlinkat(&p.fd, name, AtFlags::empty()).map_err(errno)
+            rfs::unlinkat(&self.path_fd(&p)?, name, AtFlags::empty()).map_err(errno)
         });
         match r {
             Ok(()) => reply.ok(),
@@ -770,7 +862,7 @@ impl Filesystem for PassthroughFs {
         let r = check_name(name).and_then(|()| {
             let p = self.node(parent)?;
             self.check_change(&p, Errno::EACCES)?;
-            rfs::unlinkat(&p.fd, name, AtFlags::REMOVEDIR).map_err(errno)
+            rfs::unlinkat(&self.path_fd(&p)?, name, AtFlags::REMOVEDIR).map_err(errno)
         });
         match r {
             Ok(()) => reply.ok(),
@@ -813,9 +905,9 @@ impl Filesystem for PassthroughFs {
                 self.check_change(&p, Errno::EACCES)?;
                 self.check_change(&np, Errno::EACCES)?;
                 rfs::renameat_with(
-                    &p.fd,
+                    &self.path_fd(&p)?,
                     name,
-                    &np.fd,
+                    &self.path_fd(&np)?,
                     newname,
                     rfs::RenameFlags::from_bits_retain(flags.bits()),
                 )
@@ -840,7 +932,8 @@ impl Filesystem for PassthroughFs {
             let np = self.node(newparent)?;
             self.check_change(&np, Errno::EACCES)?;
             self.check_change(&n, Errno::EPERM)?;
-            rfs::linkat(&n.fd, "", &np.fd, newname, AtFlags::EMPTY_PATH).map_err(errno)?;
+            let (nfd, npfd) = (self.path_fd(&n)?, self.path_fd(&np)?);
+            rfs::linkat(&nfd, "", &npfd, newname, AtFlags::EMPTY_PATH).map_err(errno)?;
             self.do_lookup(&np, newname)
         });
         match r {
@@ -890,8 +983,13 @@ impl Filesystem for PassthroughFs {
                 | OFlags::CREATE
                 | OFlags::NOFOLLOW
                 | OFlags::CLOEXEC;
-            let fd = rfs::openat(&p.fd, name, oflags, Mode::from_bits_retain(mode & 0o7777))
-                .map_err(errno)?;
+            let fd = rfs::openat(
+                &self.path_fd(&p)?,
+                name,
+                oflags,
+                Mode::from_bits_retain(mode & 0o7777),
+            )
+            .map_err(errno)?;
             self.own(fd.as_fd(), &pst, uid, gid)?;
             let path_fd = rfs::openat(
                 &self.proc_fd,
@@ -1119,7 +1217,7 @@ impl Filesystem for PassthroughFs {
             // The kernel takes no reference for `.` and `..`: attributes only, no lookup.
             let dots = e.name == b"." || e.name == b"..";
             let attr = if dots {
-                match fstat(dir.fd.as_fd()) {
+                match self.path_fd(&dir).and_then(|fd| fstat(fd.as_fd())) {
                     Ok(st) => FileAttr {
                         ino: INodeNo(e.ino),
                         ..self.attr(ino.0, &st)
@@ -1188,7 +1286,7 @@ impl Filesystem for PassthroughFs {
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
         match self
             .node(ino)
-            .and_then(|n| rfs::fstatfs(&n.fd).map_err(errno))
+            .and_then(|n| rfs::fstatfs(&self.path_fd(&n)?).map_err(errno))
         {
             Ok(s) => reply.statfs(
                 s.f_blocks as u64,
@@ -1214,7 +1312,7 @@ impl Filesystem for PassthroughFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let r = self.xattr_target(ino).and_then(|(n, path)| {
+        let r = self.xattr_target(ino).and_then(|(n, _fd, path)| {
             self.check_change(&n, Errno::EPERM)?;
             let value =
                 xattr_ids::translate(name.as_bytes(), value, &*self.map, Direction::ToDisk)?;
@@ -1233,7 +1331,7 @@ impl Filesystem for PassthroughFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let r = self.xattr_target(ino).and_then(|(_n, path)| {
+        let r = self.xattr_target(ino).and_then(|(_n, _fd, path)| {
             let len = rfs::getxattr_query(&path, name).map_err(errno)?;
             let mut buf = vec![0u8; len];
             let got = rfs::getxattr(&path, name, &mut buf[..]).map_err(errno)?;
@@ -1249,7 +1347,7 @@ impl Filesystem for PassthroughFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let r = self.xattr_target(ino).and_then(|(_n, path)| {
+        let r = self.xattr_target(ino).and_then(|(_n, _fd, path)| {
             let len = rfs::listxattr_query(&path).map_err(errno)?;
             let mut buf = vec![0u8; len];
             let got = rfs::listxattr(&path, &mut buf[..]).map_err(errno)?;
@@ -1264,7 +1362,7 @@ impl Filesystem for PassthroughFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self.xattr_target(ino).and_then(|(n, path)| {
+        let r = self.xattr_target(ino).and_then(|(n, _fd, path)| {
             self.check_change(&n, Errno::EPERM)?;
             rfs::removexattr(path, name).map_err(errno)
         });

@@ -669,3 +669,78 @@ fn auto_mode_takes_the_kernel_path_for_injective_views_only() {
     assert_eq!(owner(&mnt.join("a")), (1000, 50000));
     drop(guard);
 }
+
+/// More objects than the daemon may have open files: past half its limit, inodes are kept as
+/// file handles, and everything still works (listing, reading, writing, renaming, removing).
+#[test]
+fn trees_larger_than_the_open_file_limit_are_served() {
+    let src = source();
+    let tree = src.path().join("tree");
+    dir(&tree, 0o755, 50000, 50000);
+    for d in 0..10 {
+        let sub = tree.join(format!("d{d}"));
+        dir(&sub, 0o755, 50000, 50000);
+        for f in 0..100 {
+            file(
+                &sub.join(format!("f{f}")),
+                &format!("{d}/{f}"),
+                50000,
+                50000,
+            );
+        }
+    }
+    let m = FuseMount::start(|mnt| {
+        let mut c = Command::new("prlimit");
+        c.arg("--nofile=256:256")
+            .arg(bin("idmap-overlay"))
+            .args(["--mode", "fuse", "-f"])
+            .args(RW_MAP)
+            .args(["-o", RW_GMAP])
+            .arg(src.path())
+            .arg(mnt);
+        c
+    })
+    .unwrap();
+    let view = m.path.join("tree");
+    // Two passes: the second finds every inode already known (by handle).
+    for _ in 0..2 {
+        let out = run(Command::new("tar")
+            .args(["cf", "-", "-C"])
+            .arg(&view)
+            .arg("."));
+        ok(&out);
+        for d in 0..10 {
+            for f in [0, 57, 99] {
+                let p = view.join(format!("d{d}/f{f}"));
+                assert_eq!(fs::read_to_string(&p).unwrap(), format!("{d}/{f}"));
+                assert_eq!(owner(&p), (1000, 1000));
+            }
+        }
+    }
+    ok(&as_user(
+        1000,
+        &view,
+        "printf new > d9/f99 && mv d9/f98 d0/moved && rm d5/f5 && printf x > d3/created",
+    ));
+    assert_eq!(fs::read_to_string(tree.join("d9/f99")).unwrap(), "new");
+    assert_eq!(fs::read_to_string(tree.join("d0/moved")).unwrap(), "9/98");
+    assert!(!tree.join("d5/f5").exists());
+    assert_eq!(owner(&tree.join("d3/created")), (50000, 50000));
+    // A file replaced on the source under the same name is seen as the new file.
+    fs::remove_file(tree.join("d7/f7")).unwrap();
+    file(&tree.join("d7/f7"), "replaced", 50000, 50000);
+    assert!(wait_until_text(&view.join("d7/f7"), "replaced"));
+    drop(m);
+}
+
+/// The kernel caches names for a second: wait for the view to show `text`.
+fn wait_until_text(path: &Path, text: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if fs::read_to_string(path).is_ok_and(|t| t == text) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
