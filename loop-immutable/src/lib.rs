@@ -15,5 +15,4 @@ pub mod fuse;
 pub mod image;
 pub mod overlay;
 pub mod state;
-mod sys;
 pub mod ublk;

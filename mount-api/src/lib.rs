@@ -11,7 +11,10 @@ pub mod loopdev;
 mod sys;
 pub mod userns;
 
-pub use sys::{FileHandle, name_to_handle, open_by_handle};
+pub use sys::{
+    FileHandle, LO_FLAGS_AUTOCLEAR, LO_FLAGS_READ_ONLY, loop_clr_fd, loop_configure,
+    loop_ctl_get_free, name_to_handle, open_by_handle,
+};
 
 use rustix::mount::{MountAttrFlags, MoveMountFlags, OpenTreeFlags, move_mount, open_tree};
 use std::io;

@@ -54,6 +54,7 @@ impl LoopDevice {
                 dev.as_fd(),
                 backing.as_fd(),
                 flags,
+                0,
                 name.as_os_str().as_bytes(),
             ) {
                 Ok(()) => {

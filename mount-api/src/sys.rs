@@ -81,6 +81,7 @@ pub fn loop_configure(
     dev: BorrowedFd<'_>,
     backing: BorrowedFd<'_>,
     flags: u32,
+    block_size: u32,
     name: &[u8],
 ) -> io::Result<()> {
     let fd = u32::try_from(backing.as_raw_fd()).map_err(|_| io::Error::other("bad fd"))?;
@@ -89,7 +90,7 @@ pub fn loop_configure(
     file_name[..n].copy_from_slice(&name[..n]);
     let config = LoopConfig {
         fd,
-        block_size: 0,
+        block_size,
         info: LoopInfo64 {
             lo_device: 0,
             lo_inode: 0,
