@@ -109,7 +109,7 @@ pub fn hash_file(path: &Path) -> Result<(MerkleTree, FileStamp), MkfsError> {
     if !meta.is_file() {
         return Err(MkfsError::NotRegular(path.display().to_string()));
     }
-    let tree = MerkleTree::from_reader(&mut f).map_err(rerr)?;
+    let tree = MerkleTree::from_reader(&mut f, Some(meta.len())).map_err(rerr)?;
     let stamp = FileStamp::of(&f.metadata().map_err(rerr)?);
     if stamp != FileStamp::of(&meta) || tree.size != stamp.size {
         return Err(writer::WriteError::Changed(path.display().to_string()).into());

@@ -11,7 +11,6 @@ use crate::format::{
 use crate::merkle::{BLOCK_SIZE, Hash, MerkleTree};
 use crate::sign;
 use ed25519_dalek::SigningKey;
-use rayon::prelude::*;
 use sha2::{Digest as _, Sha256};
 use std::fs::{self, File};
 use std::io;
@@ -186,7 +185,7 @@ pub fn write_image(
     let out = tmp.as_file();
     let w = io_err(tmp.path());
     // Pre-size the file: block padding and gaps are then holes that read as zeros, and every
-    // region can be written at its offset, in parallel.
+    // region can be written at its offset.
     out.set_len(header.image_size).map_err(&w)?;
     out.write_all_at(&encoded, 0).map_err(&w)?;
     out.write_all_at(
@@ -201,9 +200,11 @@ pub fn write_image(
         }
     }
     let copied = AtomicU64::new(0);
+    // One writer: every write to the image takes its inode lock, so parallel copies only spun
+    // on that lock (15% of mkfs's CPU time on /usr/share before this was sequential).
     blobs
-        .par_iter()
-        .zip(entries.par_iter())
+        .iter()
+        .zip(entries.iter())
         .filter(|(_, e)| e.size > 0)
         .try_for_each(|(b, e)| -> Result<(), WriteError> {
             if cancel.load(Ordering::Relaxed) {
