@@ -1,5 +1,5 @@
-//! Tamper and truncation sweeps over a blob store's files: bits flipped in every object and
-//! tree file at many offsets, object files truncated and extended. After each change the
+//! Tamper and truncation sweeps over a blob store: bits flipped in every object file and in
+//! every stored Merkle tree (kept in the RocksDB index) at many offsets, object files truncated and extended. After each change the
 //! store is opened afresh (an open store keeps verified tree blocks in memory, where a change
 //! of the file cannot reach them), every blob is read back and `Store::verify` runs. What must hold: no panic, a read that succeeds
 //! returns exactly the original content, a changed blob fails its reads (and only that blob),
@@ -78,9 +78,23 @@ impl Fixture {
                     continue;
                 }
             };
-            match store.read_verified(digest, rec.size, &files, 0, want.len()) {
-                Ok(got) => assert!(got == *want, "{what}: wrong bytes"),
-                Err(_) => failed.push(*digest),
+            // The whole blob at once (a small blob is then checked against its digest alone)
+            // and block by block (through the stored tree).
+            let mut ok = match store.read_verified(digest, rec.size, &files, 0, want.len()) {
+                Ok(got) => {
+                    assert!(got == *want, "{what}: wrong bytes");
+                    true
+                }
+                Err(_) => false,
+            };
+            for (i, chunk) in want.chunks(4096).enumerate() {
+                match store.read_verified(digest, rec.size, &files, i as u64 * 4096, 4096) {
+                    Ok(got) => assert!(got == chunk, "{what}: wrong bytes in block {i}"),
+                    Err(_) => ok = false,
+                }
+            }
+            if !ok {
+                failed.push(*digest);
             }
         }
         failed
@@ -97,6 +111,22 @@ impl Fixture {
     }
 }
 
+/// Flip one bit of a blob's stored tree, in the store's index (the store must be closed).
+fn flip_tree(root: &Path, digest: &[u8; 32], pos: u64, bit: u8) {
+    let db =
+        rocksdb::DB::open_cf(&rocksdb::Options::default(), root.join("index"), ["trees"]).unwrap();
+    let cf = db.cf_handle("trees").unwrap();
+    let mut key = digest.to_vec();
+    key.extend_from_slice(&(pos / 4096).to_be_bytes());
+    let mut block = db.get_cf(cf, &key).unwrap().unwrap();
+    block[(pos % 4096) as usize] ^= 1 << bit;
+    db.put_cf(cf, &key, &block).unwrap();
+}
+
+fn tree_len(size: u64) -> u64 {
+    blobfs::merkle::TreeGeometry::new(size).tree_bytes()
+}
+
 fn flip(path: &Path, pos: u64, bit: u8) {
     let f = File::options().read(true).write(true).open(path).unwrap();
     let mut b = [0u8];
@@ -106,29 +136,33 @@ fn flip(path: &Path, pos: u64, bit: u8) {
 }
 
 #[test]
-fn flipped_bits_in_object_and_tree_files_fail_exactly_that_blob() {
+fn flipped_bits_in_object_files_and_trees_fail_exactly_that_blob() {
     let f = fixture();
     let mut flips = 0;
     let digests: Vec<[u8; 32]> = f.blobs.keys().copied().collect();
     for digest in &digests {
         let size = f.blobs[digest].len() as u64;
         let data = f.store().data_path(digest);
-        let tree = f.store().tree_path(digest);
-        let mut targets = vec![(data, size, 1 + size / 97)];
-        if tree.exists() {
-            let len = fs::metadata(&tree).unwrap().len();
-            targets.push((tree, len, 1 + len / 61));
-        }
-        for (path, len, stride) in targets {
+        let tree = tree_len(size);
+        // false: the object file; true: the stored tree.
+        for (in_tree, len, stride) in [(false, size, 1 + size / 97), (true, tree, 1 + tree / 61)] {
             let mut pos = 0;
             while pos < len {
                 let bit = (pos % 8) as u8;
-                let what = format!("{}: bit {bit} of byte {pos}", path.display());
-                flip(&path, pos, bit);
+                let what = if in_tree {
+                    format!("tree of {}: bit {bit} of byte {pos}", hex::encode(digest))
+                } else {
+                    format!("{}: bit {bit} of byte {pos}", data.display())
+                };
+                let toggle = || match in_tree {
+                    true => flip_tree(&f.root, digest, pos, bit),
+                    false => flip(&data, pos, bit),
+                };
+                toggle();
                 flips += 1;
                 assert_eq!(f.read_all(&what), vec![*digest], "{what}");
                 f.verify_names(digest, &what);
-                flip(&path, pos, bit);
+                toggle();
                 pos += stride;
             }
         }

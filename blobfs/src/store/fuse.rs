@@ -292,12 +292,15 @@ impl Filesystem for StoreFs {
             }
             writing.insert(digest, ino);
         }
-        let (file, path) = match self.store.staging_file() {
+        let (file, path) = match self.store.blob_file(&digest) {
             Ok(f) => f,
             Err(e) => {
                 lock(&self.writing).remove(&digest);
                 tracing::error!("create {}: {e}", hex::encode(digest));
-                return reply.error(Errno::EIO);
+                return reply.error(match &e {
+                    StoreError::Io { source, .. } => Errno::from(source.kind()),
+                    _ => Errno::EIO,
+                });
             }
         };
         let w = Writer {

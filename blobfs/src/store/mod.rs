@@ -5,16 +5,20 @@
 //!
 //! ```text
 //! DIR/blobfs-store        marker with the store format version
-//! DIR/index/              RocksDB: digest (32 bytes) -> Record
+//! DIR/index/              RocksDB: digest (32 bytes) -> Record; column family `trees`:
+//!                         digest + tree block number (8 bytes, big-endian) -> 4096-byte block
 //! DIR/objects/xx/REST     blob data, exactly `size` bytes (xx = first digest byte in hex)
-//! DIR/trees/xx/REST       stored Merkle tree, root level first (absent for blobs <= 4 KiB)
-//! DIR/staging/            blobs being written; anything here after a crash is garbage
+//! DIR/staging/            blobs being added by `put`; anything here after a crash is garbage
 //! ```
 //!
-//! Durability order when sealing a blob: data and tree are fsynced in staging, renamed into
-//! place, the directories fsynced, and only then is the index record written with a synced
-//! RocksDB write. So after a crash at any point, every blob the index names is complete and
-//! verified; files without a record are reclaimed by `gc`.
+//! A blob exists when, and only when, the index has its record. Writes through the mount go
+//! straight to the blob's final path (the name is known at create); `put` hashes in staging and
+//! renames. Durability order when sealing: the data file is fsynced and, where it was renamed,
+//! its directory; then the record and the Merkle tree are written in one synced RocksDB batch.
+//! So after a crash at any point, every blob the index names is complete and verified; data
+//! files without a record are reclaimed by `gc` (and rewritten by the next create of that
+//! name). Keeping trees in the index rather than in files of their own saves two fsyncs per
+//! blob, which were most of the cost of small writes.
 
 pub mod fuse;
 mod record;
@@ -26,13 +30,17 @@ use crate::verify::{self, Blob, BlobBytes, ReadError, TreeCache};
 use crate::writer::{self, Content, FileStamp, ImageSettings, PreparedBlob, Written};
 use ed25519_dalek::SigningKey;
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 const MARKER: &str = "blobfs-store";
-const MARKER_TEXT: &str = "blobfs store format 1\n";
+const MARKER_TEXT: &str = "blobfs store format 2\n";
+/// Stores of format 1 kept Merkle trees in files under `trees/`.
+const MARKER_TEXT_V1: &str = "blobfs store format 1\n";
+/// Column family holding the stored Merkle trees, one 4096-byte block per key.
+const TREES_CF: &str = "trees";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -40,6 +48,11 @@ pub enum StoreError {
     Io { path: String, source: io::Error },
     #[error("{0}: not a blobfs store (run `blobfs store init`)")]
     NotAStore(String),
+    #[error(
+        "{0}: store of format 1, which this version cannot open (export it with the blobfs \
+         that made it and put the blobs into a new store)"
+    )]
+    OldFormat(String),
     #[error("{0}: already a blobfs store or not empty")]
     Exists(String),
     #[error("index: {0}")]
@@ -88,15 +101,10 @@ impl Store {
         if fs::read_dir(dir).map_err(io_at(dir))?.next().is_some() {
             return Err(StoreError::Exists(dir.display().to_string()));
         }
-        for sub in ["objects", "trees", "staging"] {
+        for sub in ["objects", "staging"] {
             fs::create_dir(dir.join(sub)).map_err(io_at(dir))?;
         }
-        let mut opts = rocksdb::Options::default();
-        opts.create_if_missing(true);
-        drop(
-            rocksdb::DB::open(&opts, dir.join("index"))
-                .map_err(|e| StoreError::Index(e.to_string()))?,
-        );
+        drop(open_index(dir, true)?);
         let marker = dir.join(MARKER);
         fs::write(&marker, MARKER_TEXT).map_err(io_at(&marker))?;
         sync_dir(dir)
@@ -106,14 +114,12 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         match fs::read_to_string(dir.join(MARKER)) {
             Ok(t) if t == MARKER_TEXT => {}
+            Ok(t) if t == MARKER_TEXT_V1 => {
+                return Err(StoreError::OldFormat(dir.display().to_string()));
+            }
             _ => return Err(StoreError::NotAStore(dir.display().to_string())),
         }
-        let opts = rocksdb::Options::default();
-        let db = rocksdb::DB::open(&opts, dir.join("index")).map_err(|e| {
-            StoreError::Index(format!(
-                "{e} (is the store mounted or in use by another process?)"
-            ))
-        })?;
+        let db = open_index(dir, false)?;
         let store = Store {
             root: dir.to_owned(),
             db,
@@ -144,9 +150,45 @@ impl Store {
         self.root.join("objects").join(&h[..2]).join(&h[2..])
     }
 
-    pub fn tree_path(&self, digest: &Hash) -> PathBuf {
-        let h = hex::encode(digest);
-        self.root.join("trees").join(&h[..2]).join(&h[2..])
+    fn trees(&self) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(TREES_CF)
+            .expect("the index is always opened with its trees column family")
+    }
+
+    /// One block of a sealed blob's stored tree, as stored: the reader verifies it.
+    fn tree_block(&self, digest: &Hash, block: u64) -> io::Result<Vec<u8>> {
+        match self.db.get_cf(self.trees(), tree_key(digest, block)) {
+            Ok(Some(v)) if v.len() == BLOCK_SIZE => Ok(v),
+            Ok(Some(v)) => Err(io::Error::other(format!(
+                "tree block {block} has {} bytes in the index",
+                v.len()
+            ))),
+            Ok(None) => Err(io::Error::other(format!(
+                "tree block {block} is missing from the index"
+            ))),
+            Err(e) => Err(io::Error::other(format!("index: {e}"))),
+        }
+    }
+
+    /// The file a blob being written through the mount goes to: its final path, created or
+    /// truncated (a file there without a record is a leftover of an interrupted write). The
+    /// caller guarantees that no record exists for `digest` and that it is the only writer.
+    pub fn blob_file(&self, digest: &Hash) -> Result<(File, PathBuf), StoreError> {
+        let path = self.data_path(digest);
+        if self.get(digest)?.is_some() {
+            // Never truncate a sealed blob, whatever the caller believed.
+            return Err(io_at(&path)(io::ErrorKind::AlreadyExists.into()));
+        }
+        create_parent(&path)?;
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(io_at(&path))?;
+        Ok((f, path))
     }
 
     /// The record of a sealed blob.
@@ -191,39 +233,37 @@ impl Store {
         Ok((f, path))
     }
 
-    /// Make a staged, already hashed blob permanent (see the module docs for the order).
-    /// The caller has checked that `tree.digest()` is the name it wants.
-    pub fn seal(
-        &self,
-        staged: &File,
-        staged_path: &Path,
-        tree: &MerkleTree,
-    ) -> Result<Added, StoreError> {
+    /// Make a written, already hashed blob permanent (see the module docs for the order).
+    /// `path` is a staging file or the blob's final path (`blob_file`). The caller has checked
+    /// that `tree.digest()` is the name it wants.
+    pub fn seal(&self, file: &File, path: &Path, tree: &MerkleTree) -> Result<Added, StoreError> {
         let digest = tree.digest();
+        let data_path = self.data_path(&digest);
+        let in_place = path == data_path;
         if self.get(&digest)?.is_some() {
-            let _ = fs::remove_file(staged_path);
+            if !in_place {
+                let _ = fs::remove_file(path);
+            }
             return Ok(Added::AlreadyPresent(digest));
         }
-        staged.sync_all().map_err(io_at(staged_path))?;
-        let data_path = self.data_path(&digest);
-        let tree_path = self.tree_path(&digest);
-        if !tree.tree.is_empty() {
-            let tmp = staged_path.with_extension("tree");
-            let mut f = File::create(&tmp).map_err(io_at(&tmp))?;
-            f.write_all(&tree.tree)
-                .and_then(|()| f.sync_all())
-                .map_err(io_at(&tmp))?;
-            create_parent(&tree_path)?;
-            fs::rename(&tmp, &tree_path).map_err(io_at(&tree_path))?;
-            sync_dir(tree_path.parent().expect("has parent"))?;
-        }
+        file.sync_all().map_err(io_at(path))?;
         create_parent(&data_path)?;
-        fs::rename(staged_path, &data_path).map_err(io_at(&data_path))?;
+        if !in_place {
+            fs::rename(path, &data_path).map_err(io_at(&data_path))?;
+        }
+        // Makes a rename durable; after an in-place write the fsync above has committed the
+        // file's creation already (on journalling filesystems this costs next to nothing),
+        // but the name must be durable before the record, whatever the filesystem.
         sync_dir(data_path.parent().expect("has parent"))?;
+        let mut batch = rocksdb::WriteBatch::default();
+        for (i, block) in tree.tree.chunks(BLOCK_SIZE).enumerate() {
+            batch.put_cf(self.trees(), tree_key(&digest, i as u64), block);
+        }
+        batch.put(digest, Record { size: tree.size }.encode());
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
         self.db
-            .put_opt(digest, Record { size: tree.size }.encode(), &wo)
+            .write_opt(batch, &wo)
             .map_err(|e| StoreError::Index(e.to_string()))?;
         Ok(Added::New(digest))
     }
@@ -264,16 +304,20 @@ impl Store {
 
     /// Remove a blob: the record first (so it vanishes atomically), then its files.
     pub fn remove(&self, digest: &Hash) -> Result<bool, StoreError> {
-        if self.get(digest)?.is_none() {
+        let Some(rec) = self.get(digest)? else {
             return Ok(false);
+        };
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.delete(digest);
+        for block in 0..TreeGeometry::new(rec.size).tree_blocks() {
+            batch.delete_cf(self.trees(), tree_key(digest, block));
         }
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
         self.db
-            .delete_opt(digest, &wo)
+            .write_opt(batch, &wo)
             .map_err(|e| StoreError::Index(e.to_string()))?;
         let _ = fs::remove_file(self.data_path(digest));
-        let _ = fs::remove_file(self.tree_path(digest));
         self.cache.forget(crate::fuse::blob_ino(digest));
         Ok(true)
     }
@@ -290,24 +334,23 @@ impl Store {
         verify::read_verified(&self.blob(digest, size, files), &self.cache, offset, len)
     }
 
-    fn blob<'a>(&self, digest: &Hash, size: u64, files: &'a BlobFiles) -> Blob<&'a BlobFiles> {
+    fn blob<'a>(&'a self, digest: &Hash, size: u64, files: &'a BlobFiles) -> Blob<StoredBlob<'a>> {
         Blob {
             key: crate::fuse::blob_ino(digest),
             digest: *digest,
             size,
-            bytes: files,
+            bytes: StoredBlob {
+                store: self,
+                digest: *digest,
+                files,
+            },
         }
     }
 
-    /// Open the files of a sealed blob for reading.
+    /// Open the data file of a sealed blob for reading.
     pub fn open_blob(&self, digest: &Hash, size: u64) -> io::Result<BlobFiles> {
         let data = File::open(self.data_path(digest))?;
-        let tree = if TreeGeometry::new(size).levels() > 0 {
-            Some(File::open(self.tree_path(digest))?)
-        } else {
-            None
-        };
-        Ok(BlobFiles { data, tree, size })
+        Ok(BlobFiles { data, size })
     }
 
     /// Check every sealed blob completely, and look for files no record names. Returns the
@@ -347,24 +390,22 @@ impl Store {
         let known: std::collections::HashSet<String> =
             records.iter().map(|(d, _)| hex::encode(d)).collect();
         let mut out = Vec::new();
-        for kind in ["objects", "trees"] {
-            let top = self.root.join(kind);
-            for prefix in fs::read_dir(&top).map_err(io_at(&top))? {
-                let prefix = prefix.map_err(io_at(&top))?.path();
-                let Ok(entries) = fs::read_dir(&prefix) else {
-                    out.push(prefix);
-                    continue;
-                };
-                let p = prefix
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                for e in entries {
-                    let e = e.map_err(io_at(&prefix))?;
-                    let name = format!("{p}{}", e.file_name().to_string_lossy());
-                    if !known.contains(&name) {
-                        out.push(e.path());
-                    }
+        let top = self.root.join("objects");
+        for prefix in fs::read_dir(&top).map_err(io_at(&top))? {
+            let prefix = prefix.map_err(io_at(&top))?.path();
+            let Ok(entries) = fs::read_dir(&prefix) else {
+                out.push(prefix);
+                continue;
+            };
+            let p = prefix
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            for e in entries {
+                let e = e.map_err(io_at(&prefix))?;
+                let name = format!("{p}{}", e.file_name().to_string_lossy());
+                if !known.contains(&name) {
+                    out.push(e.path());
                 }
             }
         }
@@ -407,16 +448,19 @@ impl Store {
                 .open_blob(&digest, rec.size)
                 .map_err(io_at(&self.data_path(&digest)))?;
             let mut tree = Vec::new();
-            if let Some(t) = &files.tree {
-                let mut t = t;
-                t.read_to_end(&mut tree)
-                    .map_err(io_at(&self.tree_path(&digest)))?;
+            for block in 0..TreeGeometry::new(rec.size).tree_blocks() {
+                tree.extend_from_slice(
+                    &self
+                        .tree_block(&digest, block)
+                        .map_err(io_at(&self.root.join("index")))?,
+                );
             }
             let root = if !tree.is_empty() {
                 hash_block(&tree[..BLOCK_SIZE.min(tree.len())])
             } else if rec.size > 0 {
                 let mut block = vec![0u8; BLOCK_SIZE];
-                (&files)
+                self.blob(&digest, rec.size, &files)
+                    .bytes
                     .read_data(0, &mut block)
                     .map_err(io_at(&self.data_path(&digest)))?;
                 hash_block(&block)
@@ -464,29 +508,65 @@ impl Store {
     }
 }
 
-/// Open files of one sealed blob.
+/// The open data file of one sealed blob.
 pub struct BlobFiles {
     data: File,
-    tree: Option<File>,
     size: u64,
 }
 
-impl BlobBytes for &BlobFiles {
+/// A sealed blob's bytes: data from its file, tree blocks from the index.
+pub struct StoredBlob<'a> {
+    store: &'a Store,
+    digest: Hash,
+    files: &'a BlobFiles,
+}
+
+impl BlobBytes for StoredBlob<'_> {
     /// The data file holds exactly `size` bytes; the zero padding of the last block is
     /// implied. A shorter file is an error, never silently padded.
     fn read_data(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let stored = self.size.saturating_sub(offset).min(buf.len() as u64) as usize;
-        self.data.read_exact_at(&mut buf[..stored], offset)?;
+        let f = self.files;
+        let stored = f.size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        f.data.read_exact_at(&mut buf[..stored], offset)?;
         buf[stored..].fill(0);
         Ok(())
     }
 
     fn read_tree(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        match &self.tree {
-            Some(t) => t.read_exact_at(buf, offset),
-            None => Err(io::Error::other("blob has no tree file")),
+        let bs = BLOCK_SIZE as u64;
+        if !offset.is_multiple_of(bs) || !buf.len().is_multiple_of(BLOCK_SIZE) {
+            return Err(io::Error::other("tree reads are whole blocks"));
         }
+        for (i, dst) in buf.chunks_mut(BLOCK_SIZE).enumerate() {
+            dst.copy_from_slice(
+                &self
+                    .store
+                    .tree_block(&self.digest, offset / bs + i as u64)?,
+            );
+        }
+        Ok(())
     }
+}
+
+/// Key of one stored tree block: the digest, then the block number big-endian (so a blob's
+/// blocks are adjacent and in order).
+fn tree_key(digest: &Hash, block: u64) -> [u8; 40] {
+    let mut key = [0u8; 40];
+    key[..32].copy_from_slice(digest);
+    key[32..].copy_from_slice(&block.to_be_bytes());
+    key
+}
+
+/// Open (or with `create`, create) the RocksDB index with its column families.
+fn open_index(dir: &Path, create: bool) -> Result<rocksdb::DB, StoreError> {
+    let mut opts = rocksdb::Options::default();
+    opts.create_if_missing(create);
+    opts.create_missing_column_families(create);
+    rocksdb::DB::open_cf(&opts, dir.join("index"), [TREES_CF]).map_err(|e| {
+        StoreError::Index(format!(
+            "{e} (is the store mounted or in use by another process?)"
+        ))
+    })
 }
 
 fn create_parent(path: &Path) -> Result<(), StoreError> {
@@ -538,8 +618,16 @@ mod tests {
         assert_eq!(store.gc().unwrap().0, 1);
         let img = t.path().join("img");
         store.export(&img, 0, &[], &AtomicBool::new(false)).unwrap();
+        assert_eq!(store.tree_block(&d, 0).unwrap().len(), BLOCK_SIZE);
         assert!(store.remove(&d).unwrap());
         assert!(!store.data_path(&d).exists());
         assert!(store.list().unwrap().is_empty());
+        // The tree went with the record.
+        assert!(store.tree_block(&d, 0).is_err());
+        drop(store);
+        // A store of the first format (trees in files) is refused with a clear message.
+        fs::write(dir.join(MARKER), MARKER_TEXT_V1).unwrap();
+        let err = Store::open(&dir).unwrap_err();
+        assert!(matches!(err, StoreError::OldFormat(_)), "{err}");
     }
 }
