@@ -612,6 +612,13 @@ mod tests {
             panic!("first put must add")
         };
         assert_eq!(store.put_file(&src).unwrap(), Added::AlreadyPresent(d));
+        // The mount's writer path never truncates a sealed blob.
+        let err = store.blob_file(&d).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Io { source, .. } if source.kind() == io::ErrorKind::AlreadyExists),
+            "{err}"
+        );
+        assert_eq!(fs::metadata(store.data_path(&d)).unwrap().len(), 300_000);
         assert!(store.verify().unwrap().is_empty());
         fs::write(dir.join("staging/leftover"), b"x").unwrap();
         assert_eq!(store.verify().unwrap().len(), 1);
