@@ -309,6 +309,26 @@ fn corrupted_or_truncated_data_is_reported_and_reads_fail() {
 }
 
 #[test]
+fn a_child_spawned_while_writing_does_not_end_the_blob() {
+    // The child's copy of the (close-on-exec) descriptor is closed at exec, which sends the
+    // daemon a FLUSH: a flush from another descriptor table must not seal or discard.
+    let s = new_store();
+    let m = mount(&s.dir, &[]);
+    let data = pseudo_random_bytes(7, 300_000);
+    let path = m.path.join(name_of(&data));
+    let mut f = create(&path).unwrap();
+    f.write_all(&data[..100_000]).unwrap();
+    assert!(Command::new("true").status().unwrap().success());
+    f.write_all(&data[100_000..]).unwrap();
+    let synced = f.sync_all();
+    drop(f);
+    let read = fs::read(&path);
+    let log = m.unmount();
+    assert!(synced.is_ok(), "fsync: {synced:?}; daemon log:\n{log}");
+    assert_eq!(read.unwrap(), data, "daemon log:\n{log}");
+}
+
+#[test]
 fn full_disk_fails_the_write_and_leaves_the_store_consistent() {
     let t = tempfile::tempdir().unwrap();
     let fs_dir = t.path().join("small");

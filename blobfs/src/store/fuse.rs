@@ -67,6 +67,11 @@ struct Writer {
     hasher: LeafHasher,
     expected: Option<u64>,
     state: WriterState,
+    /// The descriptor table (FUSE lock owner) the data came from. Every close() of a copy
+    /// of the descriptor sends FLUSH, including the close-on-exec of a child that a
+    /// multi-threaded writer forks while writing; only a flush from the writer's own
+    /// table completes the blob.
+    owner: Option<u64>,
 }
 
 enum Handle {
@@ -160,7 +165,18 @@ impl StoreFs {
     /// A flush or fsync: completes the blob, except before any data was written. Every
     /// close() of any descriptor sends FLUSH, and tools such as dd close a duplicate of the
     /// output descriptor before writing; the empty blob itself is completed here, though.
-    fn flush_writer(&self, w: &mut Writer) -> Result<(), Errno> {
+    /// `flusher` is the lock owner of a FLUSH (None for fsync, which is always meant).
+    fn flush_writer(&self, w: &mut Writer, flusher: Option<u64>) -> Result<(), Errno> {
+        if let (Some(writer), Some(flusher)) = (w.owner, flusher)
+            && writer != flusher
+            && matches!(w.state, WriterState::Open)
+        {
+            tracing::debug!(
+                "blob {}: flush from another descriptor table (a forked child's close); not the end of the blob",
+                hex::encode(w.digest)
+            );
+            return Ok(());
+        }
         let empty_name = crate::merkle::fsverity_digest(0, &[0; 32]);
         if matches!(w.state, WriterState::Open)
             && w.hasher.is_empty()
@@ -192,8 +208,9 @@ impl StoreFs {
         let tree = std::mem::take(&mut w.hasher).finish();
         if tree.digest() != w.digest {
             tracing::warn!(
-                "blob {name}: content does not match its name (digest {}); discarded",
-                hex::encode(tree.digest())
+                "blob {name}: content does not match its name (digest {} of {} bytes); discarded",
+                hex::encode(tree.digest()),
+                tree.size
             );
             return Err(self.fail(w, Errno::EIO));
         }
@@ -311,6 +328,7 @@ impl Filesystem for StoreFs {
             hasher: LeafHasher::new(),
             expected: None,
             state: WriterState::Open,
+            owner: None,
         };
         let attr = self.writer_attr(&w);
         let fh = self.new_fh(Handle::Write(Arc::new(Mutex::new(w))));
@@ -384,7 +402,7 @@ impl Filesystem for StoreFs {
         data: &[u8],
         _write_flags: WriteFlags,
         _flags: OpenFlags,
-        _lock_owner: Option<fuser::LockOwner>,
+        lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
         let Some(w) = self.writer(fh) else {
@@ -419,6 +437,9 @@ impl Filesystem for StoreFs {
             return reply.error(errno);
         }
         w.hasher.update(data);
+        if w.owner.is_none() {
+            w.owner = lock_owner.map(|o| o.0);
+        }
         if w.expected == Some(w.hasher.len())
             && let Err(e) = self.complete(&mut w)
         {
@@ -486,11 +507,11 @@ impl Filesystem for StoreFs {
         _req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
-        _lock_owner: fuser::LockOwner,
+        lock_owner: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
         match self.writer(fh) {
-            Some(w) => match self.flush_writer(&mut lock(&w)) {
+            Some(w) => match self.flush_writer(&mut lock(&w), Some(lock_owner.0)) {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(e),
             },
@@ -507,7 +528,7 @@ impl Filesystem for StoreFs {
         reply: ReplyEmpty,
     ) {
         match self.writer(fh) {
-            Some(w) => match self.flush_writer(&mut lock(&w)) {
+            Some(w) => match self.flush_writer(&mut lock(&w), None) {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(e),
             },
