@@ -10,6 +10,7 @@ pub mod format;
 pub mod fuse;
 pub mod image;
 pub mod merkle;
+#[cfg(feature = "store")]
 pub mod mount;
 pub mod sign;
 pub mod verify;
@@ -19,4 +20,5 @@ pub mod writer;
 pub fn hex_digest(d: &merkle::Hash) -> String {
     hex::encode(d)
 }
+#[cfg(feature = "store")]
 pub mod store;
