@@ -11,7 +11,8 @@ use std::sync::atomic::AtomicBool;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cli_common::logging::init("mkfs.blobfs", cli.verbose + 1);
+    // -q drops the info lines too (one per skipped symlink can be thousands); warnings stay.
+    cli_common::logging::init("mkfs.blobfs", cli.verbose + u8::from(!cli.quiet));
     cli_common::run("mkfs.blobfs", || run(&cli))
 }
 

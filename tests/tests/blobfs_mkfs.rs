@@ -294,7 +294,19 @@ fn special_files_are_skipped_and_symlinks_followed_only_when_asked() {
     assert!(out.status.success(), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("skipping special file"), "{err}");
+    assert!(err.contains("skipping symlink"), "{err}");
     assert_eq!(run_ok(blobfs().arg("ls").arg(&img)).lines().count(), 1);
+    // -q keeps the warning about the FIFO but drops the per-symlink info lines.
+    let out = run(Command::new("timeout")
+        .arg("60")
+        .arg(bin("mkfs-blobfs"))
+        .arg("-q")
+        .arg(&img)
+        .arg(&src));
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("skipping special file"), "{err}");
+    assert!(!err.contains("skipping symlink"), "{err}");
     run_ok(mkfs().arg("--follow-symlinks").arg(&img).arg(&src));
     assert_eq!(run_ok(blobfs().arg("ls").arg(&img)).lines().count(), 2);
 }
