@@ -241,6 +241,7 @@ fn serve(
     config.acl = s.acl;
     config.n_threads = Some(s.threads);
     config.clone_fd = true;
+    let low_fd = s.auto_unmount.then(mount_api::fusermount::reserve_low_fd);
     let session = fuser::Session::new(fs, &req.mountpoint, &config).map_err(|e| {
         let hint = if e.kind() == std::io::ErrorKind::PermissionDenied
             && !nix::unistd::geteuid().is_root()
@@ -255,6 +256,10 @@ fn serve(
             req.mountpoint.display()
         ))
     })?;
+    if let Some(low_fd) = low_fd {
+        // So that a killed daemon's mount really goes (see mount_api::fusermount).
+        low_fd.hold_new_socket();
+    }
     daemon::unmount_on_signals(&req.mountpoint)?;
     tracing::info!(
         "serving {} ({what}) on {}",

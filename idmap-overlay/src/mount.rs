@@ -304,9 +304,14 @@ fn serve(cli: &Cli, s: &Settings) -> Result<(), CliError> {
     config.acl = s.acl;
     config.n_threads = Some(s.threads);
     config.clone_fd = true;
+    let low_fd = s.auto_unmount.then(mount_api::fusermount::reserve_low_fd);
     let session = fuser::Session::new(fs, &cli.mountpoint, &config).map_err(|e| {
         CliError::failure(format!("cannot mount on {}: {e}", cli.mountpoint.display()))
     })?;
+    if let Some(low_fd) = low_fd {
+        // So that a killed daemon's mount really goes (see mount_api::fusermount).
+        low_fd.hold_new_socket();
+    }
     daemon::unmount_on_signals(&cli.mountpoint)?;
     match &s.read_only_reason {
         Some(why) => tracing::warn!("the view is not injective ({why}): mounted read-only"),

@@ -7,6 +7,7 @@
 //! (its kernel mode). A program using [`userns`] must call [`userns::helper_main`] from `main`
 //! when started as [`userns::HELPER_ARGV0`].
 
+pub mod fusermount;
 pub mod loopdev;
 mod sys;
 pub mod userns;

@@ -232,3 +232,35 @@ pub fn open_by_handle(
     // SAFETY: open_by_handle_at returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
+
+/// `dup3(src, dst, O_CLOEXEC)`: make descriptor number `dst` refer to the file `src` refers
+/// to, atomically closing what `dst` referred to. Both are plain numbers; the caller makes sure
+/// that whoever owns `dst` is fine with the swap.
+pub fn replace_fd(src: RawFd, dst: RawFd) -> io::Result<()> {
+    // SAFETY: dup3 reads and writes no memory of ours.
+    check(unsafe { libc::dup3(src, dst, libc::O_CLOEXEC) }.into()).map(drop)
+}
+
+/// The pid of the process at the other end of the Unix socket under descriptor number `fd`
+/// (`SO_PEERCRED`: the peer at connect or socketpair time). ENOTSOCK, EBADF as the call says.
+pub fn socket_peer_pid(fd: RawFd) -> io::Result<i32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` is a valid `struct ucred` and `len` says exactly its size; the kernel
+    // writes at most `len` bytes and keeps no pointer.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    check(ret.into())?;
+    Ok(cred.pid)
+}

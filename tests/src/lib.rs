@@ -178,8 +178,11 @@ impl FuseMount {
         self.cleanup()
     }
 
-    /// Kill the daemon with SIGKILL (the mount stays, dead, unless auto_unmount).
+    /// Kill the daemon with SIGKILL (the mount stays, dead, unless auto_unmount), once it has
+    /// answered a request: the tests mean a daemon killed while serving, not one killed before
+    /// fusermount3 has handed it the /dev/fuse descriptor.
     pub fn kill_daemon(&mut self) {
+        let _ = fs::metadata(&self.path);
         if let Some(c) = self.child.as_mut() {
             let _ = c.kill();
             let _ = c.wait();

@@ -744,3 +744,19 @@ fn wait_until_text(path: &Path, text: &str) -> bool {
     }
     false
 }
+
+#[test]
+fn killed_daemon_with_auto_unmount_leaves_no_mount() {
+    // Repeated, as for blobfs: the race with fusermount3 showed about one kill in 20 to 60.
+    let src = source();
+    file(&src.path().join("f"), "x", 0, 0);
+    for round in 0..20 {
+        let mut m = mount(src.path(), &["-o", "auto_unmount"]);
+        let path = m.path.clone();
+        m.kill_daemon();
+        assert!(
+            integration_tests::wait_until(Duration::from_secs(10), || !is_mounted(&path)),
+            "mount left behind after SIGKILL with auto_unmount (round {round})"
+        );
+    }
+}
