@@ -34,6 +34,12 @@ pub enum Command {
     Inspect(ImageArgs),
     /// Generate an ed25519 key pair (PKCS#8 / SPKI PEM).
     Keygen(KeygenArgs),
+    /// Write the thin form of an image: header, signatures, index and Merkle trees, no blob
+    /// data (that is read from a remote: `blobfs push`, then `blobfs mount --remote`).
+    Thin(ThinArgs),
+    /// Upload the blobs a remote lacks, one object per blob named by digest (`xx/yyyy...`);
+    /// idempotent, so an interrupted push is resumed by running it again.
+    Push(PushArgs),
     /// Writable stores: each blob written exactly once, verified, indexed in RocksDB.
     #[command(subcommand)]
     Store(StoreCommand),
@@ -101,6 +107,30 @@ pub struct MountArgs {
     /// Stay in the foreground instead of detaching once the mount is live.
     #[arg(short, long)]
     pub foreground: bool,
+    /// Read blob data from this remote (http(s)://, s3://BUCKET/PREFIX, file:///DIR); for
+    /// thin images (same as -o remote=URL).
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ThinArgs {
+    /// The full image.
+    pub image: PathBuf,
+    /// Where to write the thin image (replaced atomically).
+    pub thin: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct PushArgs {
+    /// A full image (its data is verified before it is uploaded).
+    pub image: PathBuf,
+    /// http(s)://HOST/PATH (a server accepting PUT), s3://BUCKET/PREFIX (credentials from the
+    /// usual AWS_* environment), file:///DIR or a directory path.
+    pub url: String,
+    /// Seconds per request before it counts as failed (retried 3 times with backoff).
+    #[arg(long, default_value_t = 30)]
+    pub timeout: u64,
 }
 
 #[derive(Args, Debug)]
@@ -124,6 +154,9 @@ pub struct CatArgs {
     pub image: PathBuf,
     /// Blob digest (64 lowercase hex digits).
     pub digest: String,
+    /// Read blob data from this remote (for thin images).
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
 }
 
 #[derive(Args, Debug)]

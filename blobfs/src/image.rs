@@ -21,6 +21,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Largest index this implementation loads (16.7 million blobs). A header that claims more is
 /// refused before anything is allocated for it.
@@ -36,8 +37,12 @@ pub enum ImageError {
     },
     #[error("{0}: not a regular file or block device")]
     NotAFile(String),
-    #[error("{path}: image is truncated: header says {expected} bytes, file has {actual}")]
+    #[error(
+        "{path}: image is truncated: header says {expected} bytes, file has {actual}{}",
+        thin_hint(*actual, *data_offset)
+    )]
     Truncated {
+        data_offset: u64,
         path: String,
         expected: u64,
         actual: u64,
@@ -65,8 +70,24 @@ pub enum ImageError {
     Entry { path: String, source: EntryError },
 }
 
+fn thin_hint(actual: u64, data_offset: u64) -> &'static str {
+    if actual == data_offset {
+        " (a thin image: its blob data must come from a remote, --remote URL)"
+    } else {
+        ""
+    }
+}
+
+/// Blob data kept outside the image, for thin images (see [`crate::remote`]). Untrusted: what
+/// it returns is verified like data read from the image.
+pub trait BlobSource: Send + Sync {
+    /// Fill `buf` with the bytes of blob `digest` (of `size` bytes) from `offset`; bytes past
+    /// the end of the blob read as zero.
+    fn read(&self, digest: &Hash, size: u64, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
 /// What must hold for an image to be accepted.
-#[derive(Debug, Default, Clone)]
+#[derive(Default, Clone)]
 pub struct OpenOptions {
     /// If non-empty, the image must carry a valid signature by one of these keys.
     pub keys: Vec<VerifyingKey>,
@@ -74,6 +95,20 @@ pub struct OpenOptions {
     pub min_epoch: u64,
     /// Byte budget of the verified tree-block cache (default 64 MiB).
     pub tree_cache_bytes: Option<usize>,
+    /// Where blob data comes from when the image is thin (header, signatures, index and trees
+    /// only: the image cut at `data_offset`). With a source, a thin image is accepted and
+    /// every blob's data is read from it; without, a thin image is refused as truncated.
+    pub data_source: Option<Arc<dyn BlobSource>>,
+}
+
+impl std::fmt::Debug for OpenOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenOptions")
+            .field("keys", &self.keys.len())
+            .field("min_epoch", &self.min_epoch)
+            .field("data_source", &self.data_source.is_some())
+            .finish()
+    }
 }
 
 /// An open, validated image.
@@ -86,6 +121,8 @@ pub struct Image {
     signed_by: Option<Hash>,
     entries: Vec<Entry>,
     cache: TreeCache,
+    /// Set for a thin image: all blob data comes from here.
+    remote_data: Option<Arc<dyn BlobSource>>,
 }
 
 impl std::fmt::Debug for Image {
@@ -125,6 +162,7 @@ impl Image {
         let mut encoded_header = [0u8; HEADER_SIZE];
         if actual < HEADER_SIZE as u64 {
             return Err(ImageError::Truncated {
+                data_offset: u64::MAX,
                 path: p(),
                 expected: HEADER_SIZE as u64,
                 actual,
@@ -133,8 +171,11 @@ impl Image {
         read_exact_at(&file, &mut encoded_header, 0).map_err(io_err("cannot read header"))?;
         let header = Header::decode(&encoded_header)
             .map_err(|source| ImageError::Header { path: p(), source })?;
-        if actual < header.image_size {
+        // A thin image ends where the data would start; it is read with a data source only.
+        let thin = actual < header.image_size;
+        if thin && (actual < header.data_offset || opts.data_source.is_none()) {
             return Err(ImageError::Truncated {
+                data_offset: header.data_offset,
                 path: p(),
                 expected: header.image_size,
                 actual,
@@ -209,7 +250,18 @@ impl Image {
             signed_by,
             entries,
             cache: TreeCache::new(opts.tree_cache_bytes.unwrap_or(64 << 20)),
+            remote_data: if thin { opts.data_source.clone() } else { None },
         })
+    }
+
+    /// Whether the image is thin (its blob data comes from the data source).
+    pub fn is_thin(&self) -> bool {
+        self.remote_data.is_some()
+    }
+
+    /// The underlying file (for copying regions of it).
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     pub fn path(&self) -> &Path {
@@ -262,6 +314,7 @@ impl Image {
             bytes: ImageBlob {
                 file: &self.file,
                 entry: e,
+                remote: self.remote_data.as_deref(),
             },
         }
     }
@@ -271,12 +324,17 @@ impl Image {
 struct ImageBlob<'a> {
     file: &'a File,
     entry: &'a Entry,
+    remote: Option<&'a dyn BlobSource>,
 }
 
 impl BlobBytes for ImageBlob<'_> {
     fn read_data(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.file
-            .read_exact_at(buf, self.entry.data_offset + offset)
+        match self.remote {
+            Some(r) => r.read(&self.entry.digest, self.entry.size, offset, buf),
+            None => self
+                .file
+                .read_exact_at(buf, self.entry.data_offset + offset),
+        }
     }
 
     fn read_tree(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {

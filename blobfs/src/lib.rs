@@ -12,6 +12,8 @@ pub mod image;
 pub mod merkle;
 #[cfg(feature = "store")]
 pub mod mount;
+#[cfg(feature = "remote")]
+pub mod remote;
 pub mod sign;
 pub mod verify;
 pub mod writer;

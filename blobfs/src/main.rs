@@ -11,6 +11,7 @@ use cli_common::{CliError, options};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 fn main() -> ExitCode {
     // Installed as `mount.blobfs` too (a link to this binary): mount(8) runs helpers with its
@@ -47,7 +48,15 @@ fn run(command: Command) -> Result<(), CliError> {
                 source: a.image,
                 mountpoint: a.mountpoint,
                 keys: a.keys,
-                options: a.options.iter().flat_map(|o| options::parse(o)).collect(),
+                options: a
+                    .options
+                    .iter()
+                    .flat_map(|o| options::parse(o))
+                    .chain(a.remote.map(|url| options::MountOpt {
+                        key: "remote".into(),
+                        value: Some(url),
+                    }))
+                    .collect(),
                 foreground: a.foreground,
             },
             Kind::Image,
@@ -55,7 +64,9 @@ fn run(command: Command) -> Result<(), CliError> {
         Command::Store(c) => store_command(c),
         Command::Verify(a) => verify(&a.image, &a.keys),
         Command::Ls(a) => ls(&a.image, a.json),
-        Command::Cat(a) => cat(&a.image, &a.digest),
+        Command::Cat(a) => cat(&a.image, &a.digest, a.remote.as_deref()),
+        Command::Thin(a) => thin(&a.image, &a.thin),
+        Command::Push(a) => push(&a.image, &a.url, a.timeout),
         Command::Inspect(a) => inspect(&a.image, a.json),
         Command::Keygen(a) => keygen(&a.private, a.public),
     }
@@ -129,13 +140,27 @@ fn ls(path: &Path, json: bool) -> Result<(), CliError> {
     Ok(())
 }
 
-fn cat(path: &Path, digest: &str) -> Result<(), CliError> {
+fn cat(path: &Path, digest: &str, remote: Option<&str>) -> Result<(), CliError> {
     let d = parse_digest(digest).ok_or_else(|| {
         CliError::usage(format!(
             "{digest:?} is not a digest (64 lowercase hex digits)"
         ))
     })?;
-    let image = open(path, &[])?;
+    let image = match remote {
+        None => open(path, &[])?,
+        Some(url) => {
+            let remote =
+                blobfs::remote::Remote::open(url, Default::default()).map_err(CliError::failure)?;
+            Image::open(
+                path,
+                &OpenOptions {
+                    data_source: Some(Arc::new(remote)),
+                    ..OpenOptions::default()
+                },
+            )
+            .map_err(CliError::failure)?
+        }
+    };
     let idx = image
         .find(&d)
         .ok_or_else(|| CliError::failure(format!("{}: no blob {digest}", path.display())))?;
@@ -304,5 +329,129 @@ fn store_command(c: StoreCommand) -> Result<(), CliError> {
             );
             Ok(())
         }
+    }
+}
+
+/// The thin image is the full image cut where blob data starts: header, signatures, index and
+/// trees stay byte-identical, so every signature stays valid and no format change is needed.
+fn thin(path: &Path, out: &Path) -> Result<(), CliError> {
+    let image = open(path, &[])?;
+    if image.is_thin() {
+        return Err(CliError::failure(format!(
+            "{} is already thin",
+            path.display()
+        )));
+    }
+    let len = image.header().data_offset;
+    let dir = out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".blobfs-thin.")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .tempfile_in(dir)
+        .map_err(|e| CliError::failure(format!("{}: cannot create a file: {e}", dir.display())))?;
+    let mut src = std::io::Read::take(image.file(), len);
+    let copied = std::io::copy(&mut src, tmp.as_file_mut())
+        .and_then(|n| tmp.as_file().sync_all().map(|()| n))
+        .map_err(|e| CliError::failure(format!("{}: {e}", out.display())))?;
+    if copied != len {
+        return Err(CliError::failure(format!(
+            "{}: image shrank while it was copied",
+            path.display()
+        )));
+    }
+    tmp.persist(out)
+        .map_err(|e| CliError::failure(format!("{}: {}", out.display(), e.error)))?;
+    println!(
+        "{}: {} blobs, {} bytes (full image {} bytes)",
+        out.display(),
+        image.entries().len(),
+        len,
+        image.header().image_size
+    );
+    Ok(())
+}
+
+/// Upload every blob the remote lacks. Blob bytes are read verified, so a corrupted local
+/// image never poisons the remote.
+fn push(path: &Path, url: &str, timeout: u64) -> Result<(), CliError> {
+    use rayon::prelude::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let image = open(path, &[])?;
+    if image.is_thin() {
+        return Err(CliError::failure(format!(
+            "{} is thin: push the full image",
+            path.display()
+        )));
+    }
+    let remote = blobfs::remote::Remote::open(
+        url,
+        blobfs::remote::RemoteOptions {
+            timeout: std::time::Duration::from_secs(timeout.max(1)),
+            create_local_dir: true,
+            ..Default::default()
+        },
+    )
+    .map_err(CliError::failure)?;
+    let total: u64 = image.entries().iter().map(|e| e.size).sum();
+    // indicatif draws only when stderr is a terminal.
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "pushing [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let (sent, sent_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(4)
+        .build()
+        .map_err(CliError::failure)?;
+    let failures: Vec<String> = pool.install(|| {
+        (0..image.entries().len())
+            .into_par_iter()
+            .filter_map(|i| {
+                let e = &image.entries()[i];
+                let r = remote.has(&e.digest, e.size).and_then(|present| {
+                    if present {
+                        return Ok(());
+                    }
+                    remote.put(&e.digest, e.size, |off, len| {
+                        image
+                            .read_verified(i, off, len)
+                            .map_err(|err| std::io::Error::other(err.to_string()))
+                    })?;
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    sent_bytes.fetch_add(e.size, Ordering::Relaxed);
+                    Ok(())
+                });
+                bar.inc(e.size);
+                r.err()
+                    .map(|err| format!("{}: {err}", blobfs::hex_digest(&e.digest)))
+            })
+            .collect()
+    });
+    bar.finish_and_clear();
+    for f in &failures {
+        eprintln!("blobfs: push: {f}");
+    }
+    let n = image.entries().len() as u64;
+    let sent = sent.into_inner();
+    println!(
+        "{url}: {sent} blobs uploaded ({} bytes), {} already there, {} failed",
+        sent_bytes.into_inner(),
+        n - sent - failures.len() as u64,
+        failures.len()
+    );
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::failure(format!(
+            "{} of {n} blobs not pushed; run the same command again to retry them",
+            failures.len()
+        )))
     }
 }

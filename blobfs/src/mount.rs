@@ -45,6 +45,9 @@ struct Settings {
     min_epoch: u64,
     threads: usize,
     vfs: Vec<MountOption>,
+    /// Blob data of a thin image comes from here.
+    remote: Option<String>,
+    remote_timeout: u64,
 }
 
 fn parse_settings(req: &MountRequest, kind: Kind) -> Result<Settings, CliError> {
@@ -61,6 +64,8 @@ fn parse_settings(req: &MountRequest, kind: Kind) -> Result<Settings, CliError> 
         min_epoch: 0,
         threads: 4,
         vfs: Vec::new(),
+        remote: None,
+        remote_timeout: 30,
     };
     for o in &req.options {
         let value = |what: &str| {
@@ -76,7 +81,7 @@ fn parse_settings(req: &MountRequest, kind: Kind) -> Result<Settings, CliError> 
         let image_only =
             |k: &str| CliError::usage(format!("mount option {k} applies to images, not stores"));
         match o.key.as_str() {
-            "key" | "layout" | "min_epoch" if kind == Kind::Store => {
+            "key" | "layout" | "min_epoch" | "remote" | "remote_timeout" if kind == Kind::Store => {
                 return Err(image_only(&o.key));
             }
             "nodelete" if kind == Kind::Store => s.nodelete = true,
@@ -98,6 +103,8 @@ fn parse_settings(req: &MountRequest, kind: Kind) -> Result<Settings, CliError> 
             "allow_root" => s.acl = SessionACL::RootAndOwner,
             "auto_unmount" => s.auto_unmount = true,
             "min_epoch" => s.min_epoch = number("number")?,
+            "remote" => s.remote = Some(value("URL")?),
+            "remote_timeout" => s.remote_timeout = number("number of seconds")?.max(1),
             "threads" => {
                 s.threads = number("number")?.clamp(1, 64) as usize;
             }
@@ -129,6 +136,29 @@ fn parse_settings(req: &MountRequest, kind: Kind) -> Result<Settings, CliError> 
         s.acl = SessionACL::RootAndOwner;
     }
     Ok(s)
+}
+
+#[cfg(feature = "remote")]
+fn remote_source(s: &Settings) -> Result<Option<Arc<dyn crate::image::BlobSource>>, CliError> {
+    let Some(url) = &s.remote else {
+        return Ok(None);
+    };
+    let opts = crate::remote::RemoteOptions {
+        timeout: std::time::Duration::from_secs(s.remote_timeout),
+        ..Default::default()
+    };
+    let remote = crate::remote::Remote::open(url, opts).map_err(CliError::failure)?;
+    Ok(Some(Arc::new(remote)))
+}
+
+#[cfg(not(feature = "remote"))]
+fn remote_source(s: &Settings) -> Result<Option<Arc<dyn crate::image::BlobSource>>, CliError> {
+    match s.remote {
+        None => Ok(None),
+        Some(_) => Err(CliError::usage(
+            "this blobfs was built without remote support (feature remote)",
+        )),
+    }
 }
 
 fn id_value(v: &str) -> Result<u32, CliError> {
@@ -195,9 +225,17 @@ fn open_image(path: &Path, s: &Settings, report: bool) -> Result<Image, CliError
             keys,
             min_epoch: s.min_epoch,
             tree_cache_bytes: None,
+            data_source: remote_source(s)?,
         },
     )
     .map_err(CliError::failure)?;
+    if image.is_thin() && report {
+        tracing::info!(
+            "{}: thin image: blob data from {}, every block verified",
+            path.display(),
+            s.remote.as_deref().unwrap_or_default()
+        );
+    }
     match image.signed_by().filter(|_| report) {
         _ if !report => {}
         Some(id) => tracing::info!(

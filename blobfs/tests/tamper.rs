@@ -111,6 +111,7 @@ impl Fixture {
             },
             min_epoch: 0,
             tree_cache_bytes: Some(8 * BLOCK_SIZE),
+            data_source: None,
         }
     }
 

@@ -110,6 +110,7 @@ pub fn open_and_read(data: &[u8]) {
         min_epoch: 0,
         // Small, so that eviction is exercised too.
         tree_cache_bytes: Some(16 * BLOCK_SIZE),
+        data_source: None,
     };
     let image = match Image::open(path, &opts) {
         Ok(image) => image,

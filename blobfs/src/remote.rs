@@ -1,0 +1,254 @@
+//! Blob data kept outside the image: an HTTP(S) server, an S3-compatible store or a local
+//! directory, holding one object per blob named by its digest in the composefs object layout
+//! (`xx/yyyy...`, the first two hex digits as a directory).
+//!
+//! The remote is untrusted like the medium of a local image: it only supplies bytes, which
+//! [`crate::verify`] checks block by block against the Merkle trees kept in the (thin) image
+//! before anything is returned. A remote that is down, slow or lying gives an I/O error for
+//! that read, never wrong data; every request has a timeout, so no read hangs.
+//!
+//! The object-store client is the `object_store` crate (HTTP range requests, S3 signing and
+//! credentials from the usual `AWS_*` environment). It is asynchronous; this module owns a
+//! small tokio runtime and offers blocking calls to the FUSE worker threads.
+
+use crate::image::BlobSource;
+use crate::merkle::Hash;
+use object_store::path::Path as ObjectPath;
+use object_store::{ClientOptions, ObjectStore, PutPayload, RetryConfig};
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Bytes per request when pushing large blobs in parts.
+const PART_SIZE: usize = 8 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error(
+        "remote {0}: unsupported URL (use http://, https://, s3://BUCKET/PREFIX, file:///DIR or a directory path)"
+    )]
+    Unsupported(String),
+    #[error("remote {url}: {source}")]
+    Client {
+        url: String,
+        source: object_store::Error,
+    },
+    #[error("cannot start the remote I/O runtime: {0}")]
+    Runtime(io::Error),
+}
+
+/// How patient to be with a remote.
+#[derive(Debug, Clone, Copy)]
+pub struct RemoteOptions {
+    /// Per request (connect included).
+    pub timeout: Duration,
+    /// Attempts after the first one, with exponential backoff.
+    pub retries: usize,
+    /// For a directory remote: create it if missing (pushing), rather than refuse (reading).
+    pub create_local_dir: bool,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        RemoteOptions {
+            timeout: Duration::from_secs(30),
+            retries: 3,
+            create_local_dir: false,
+        }
+    }
+}
+
+/// An object store holding blobs by digest.
+pub struct Remote {
+    url: String,
+    store: Arc<dyn ObjectStore>,
+    prefix: ObjectPath,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote").field("url", &self.url).finish()
+    }
+}
+
+impl Remote {
+    /// Connect (lazily: nothing is sent yet) to `url`.
+    pub fn open(url: &str, opts: RemoteOptions) -> Result<Remote, RemoteError> {
+        let client_err = |source| RemoteError::Client {
+            url: url.to_owned(),
+            source,
+        };
+        let client = ClientOptions::new()
+            .with_timeout(opts.timeout)
+            .with_connect_timeout(opts.timeout)
+            .with_allow_http(true);
+        let retry = RetryConfig {
+            max_retries: opts.retries,
+            retry_timeout: opts.timeout * (opts.retries as u32 + 1),
+            ..RetryConfig::default()
+        };
+        let (store, prefix): (Arc<dyn ObjectStore>, ObjectPath) =
+            if let Some(rest) = url.strip_prefix("s3://") {
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                if bucket.is_empty() {
+                    return Err(RemoteError::Unsupported(url.to_owned()));
+                }
+                let s3 = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_client_options(client)
+                    .with_retry(retry)
+                    .build()
+                    .map_err(client_err)?;
+                (Arc::new(s3), ObjectPath::from(prefix))
+            } else if url.starts_with("http://") || url.starts_with("https://") {
+                let http = object_store::http::HttpBuilder::new()
+                    .with_url(url)
+                    .with_client_options(client)
+                    .with_retry(retry)
+                    .build()
+                    .map_err(client_err)?;
+                (Arc::new(http), ObjectPath::default())
+            } else if url.contains("://") && !url.starts_with("file://") {
+                return Err(RemoteError::Unsupported(url.to_owned()));
+            } else {
+                let dir = url.strip_prefix("file://").unwrap_or(url);
+                if dir.is_empty() {
+                    return Err(RemoteError::Unsupported(url.to_owned()));
+                }
+                if opts.create_local_dir {
+                    std::fs::create_dir_all(dir).map_err(|e| RemoteError::Client {
+                        url: url.to_owned(),
+                        source: object_store::Error::Generic {
+                            store: "LocalFileSystem",
+                            source: Box::new(e),
+                        },
+                    })?;
+                }
+                let local = object_store::local::LocalFileSystem::new_with_prefix(dir)
+                    .map_err(client_err)?;
+                (Arc::new(local), ObjectPath::default())
+            };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("remote-io")
+            .enable_all()
+            .build()
+            .map_err(RemoteError::Runtime)?;
+        Ok(Remote {
+            url: url.to_owned(),
+            store,
+            prefix,
+            runtime,
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The object name of a blob: `PREFIX/xx/yyyy...`.
+    pub fn object_path(&self, digest: &Hash) -> ObjectPath {
+        let hex = hex::encode(digest);
+        let mut parts: Vec<_> = self.prefix.parts().collect();
+        parts.push(hex[..2].into());
+        parts.push(hex[2..].into());
+        ObjectPath::from_iter(parts)
+    }
+
+    /// Whether the remote holds an object for `digest` of exactly `size` bytes (an object of
+    /// another size is a failed or foreign upload: pushed again).
+    pub fn has(&self, digest: &Hash, size: u64) -> io::Result<bool> {
+        let path = self.object_path(digest);
+        match self.runtime.block_on(self.store.head(&path)) {
+            Ok(meta) => Ok(meta.size == size),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.io_error(&path, e)),
+        }
+    }
+
+    /// Upload a blob whose bytes come from `read(offset, len)` (already verified by the
+    /// caller): one request for small blobs, parts of 8 MiB for large ones.
+    pub fn put(
+        &self,
+        digest: &Hash,
+        size: u64,
+        mut read: impl FnMut(u64, usize) -> io::Result<Vec<u8>>,
+    ) -> io::Result<()> {
+        let path = self.object_path(digest);
+        if size <= PART_SIZE as u64 {
+            let data = read(0, size as usize)?;
+            return self
+                .runtime
+                .block_on(self.store.put(&path, PutPayload::from(data)))
+                .map(drop)
+                .map_err(|e| self.io_error(&path, e));
+        }
+        self.runtime.block_on(async {
+            let upload = self
+                .store
+                .put_multipart(&path)
+                .await
+                .map_err(|e| self.io_error(&path, e))?;
+            let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+            let mut offset = 0;
+            while offset < size {
+                let n = PART_SIZE.min((size - offset) as usize);
+                let chunk = match read(offset, n) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = writer.abort().await;
+                        return Err(e);
+                    }
+                };
+                writer.write(&chunk);
+                offset += n as u64;
+            }
+            writer
+                .finish()
+                .await
+                .map(drop)
+                .map_err(|e| self.io_error(&path, e))
+        })
+    }
+
+    fn io_error(&self, path: &ObjectPath, e: object_store::Error) -> io::Error {
+        let kind = match e {
+            object_store::Error::NotFound { .. } => io::ErrorKind::NotFound,
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, format!("{}: object {path}: {e}", self.url))
+    }
+}
+
+impl BlobSource for Remote {
+    fn read(&self, digest: &Hash, size: u64, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        buf.fill(0);
+        let end = size.min(offset + buf.len() as u64);
+        if offset >= end {
+            return Ok(());
+        }
+        let path = self.object_path(digest);
+        let range = offset..end;
+        let want = (end - offset) as usize;
+        let bytes = self
+            .runtime
+            .block_on(self.store.get_range(&path, range.clone()))
+            .map_err(|e| self.io_error(&path, e))?;
+        // A server that ignores the range, or an object of another size, must not be taken
+        // for data (the Merkle check would catch it, but this names the fault).
+        if bytes.len() != want {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{}: object {path}: asked for {} bytes at {offset}, got {}",
+                    self.url,
+                    want,
+                    bytes.len()
+                ),
+            ));
+        }
+        buf[..bytes.len()].copy_from_slice(&bytes);
+        Ok(())
+    }
+}

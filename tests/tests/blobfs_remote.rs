@@ -1,0 +1,396 @@
+//! Thin images whose blob data lives on a remote: a directory, and nginx over loopback HTTP.
+//! Needs root, /dev/fuse and nginx (Debian package nginx-light; scripts/install-deps).
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use integration_tests::{FuseMount, bin, pread, pseudo_random_bytes, run, run_ok, wait_until};
+use std::collections::HashMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const EIO: i32 = 5;
+
+struct Fixture {
+    t: tempfile::TempDir,
+    img: PathBuf,
+    thin: PathBuf,
+    /// digest -> content
+    blobs: HashMap<String, Vec<u8>>,
+    pub_key: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        fs::create_dir(&src).unwrap();
+        for (i, size) in [0usize, 1, 4096, 4097, 100_000, 3 << 20].iter().enumerate() {
+            fs::write(
+                src.join(format!("f{i}")),
+                pseudo_random_bytes(i as u64 + 7, *size),
+            )
+            .unwrap();
+        }
+        let key = t.path().join("k.pem");
+        run_ok(Command::new(bin("blobfs")).arg("keygen").arg(&key));
+        let img = t.path().join("img");
+        run_ok(
+            Command::new(bin("mkfs-blobfs"))
+                .arg("-q")
+                .arg("--sign")
+                .arg(&key)
+                .arg("--manifest")
+                .arg(t.path().join("man"))
+                .arg(&img)
+                .arg(&src),
+        );
+        let mut blobs = HashMap::new();
+        for line in fs::read_to_string(t.path().join("man")).unwrap().lines() {
+            let mut it = line.splitn(3, ' ');
+            let d = it.next().unwrap().to_owned();
+            it.next();
+            blobs.insert(d, fs::read(it.next().unwrap()).unwrap());
+        }
+        let thin = t.path().join("thin");
+        run_ok(Command::new(bin("blobfs")).arg("thin").arg(&img).arg(&thin));
+        Fixture {
+            pub_key: t.path().join("k.pub.pem"),
+            img,
+            thin,
+            blobs,
+            t,
+        }
+    }
+
+    fn push(&self, url: &str) -> String {
+        run_ok(
+            Command::new(bin("blobfs"))
+                .arg("push")
+                .arg(&self.img)
+                .arg(url),
+        )
+    }
+
+    fn mount(&self, url: &str, extra: &[&str]) -> Result<FuseMount, String> {
+        FuseMount::start(|dir| {
+            let mut c = Command::new(bin("blobfs"));
+            c.arg("mount")
+                .arg(&self.thin)
+                .arg(dir)
+                .arg("-f")
+                .arg("--key")
+                .arg(&self.pub_key)
+                .arg("--remote")
+                .arg(url)
+                .args(extra);
+            c
+        })
+    }
+
+    fn big(&self) -> &str {
+        self.blobs
+            .iter()
+            .max_by_key(|(_, c)| c.len())
+            .map(|(d, _)| d.as_str())
+            .unwrap()
+    }
+}
+
+fn object(dir: &Path, digest: &str) -> PathBuf {
+    dir.join(&digest[..2]).join(&digest[2..])
+}
+
+/// nginx serving `root` on a free loopback port, in the foreground, killed on drop.
+struct Nginx {
+    child: Option<Child>,
+    port: u16,
+    _conf: tempfile::TempDir,
+}
+
+impl Nginx {
+    fn start(root: &Path) -> Nginx {
+        let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("nginx not installed (apt-get install nginx-light; scripts/install-deps)");
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let conf = tempfile::tempdir().unwrap();
+        let c = conf.path().display();
+        let text = format!(
+            "daemon off; master_process off; worker_processes 1; pid {c}/pid;\n\
+             error_log {c}/error.log;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{ access_log off; client_body_temp_path {c}/b; proxy_temp_path {c}/p;\n\
+             fastcgi_temp_path {c}/f; uwsgi_temp_path {c}/u; scgi_temp_path {c}/s;\n\
+             server {{ listen 127.0.0.1:{port}; root {}; }} }}\n",
+            root.display()
+        );
+        fs::write(conf.path().join("nginx.conf"), text).unwrap();
+        let child = Command::new(nginx)
+            .arg("-c")
+            .arg(conf.path().join("nginx.conf"))
+            .arg("-p")
+            .arg(conf.path())
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        assert!(
+            wait_until(Duration::from_secs(10), || TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok()),
+            "nginx did not start listening: {}",
+            fs::read_to_string(conf.path().join("error.log")).unwrap_or_default()
+        );
+        Nginx {
+            child: Some(child),
+            port,
+            _conf: conf,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/", self.port)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[test]
+fn thin_image_is_the_signed_prefix_and_needs_a_remote() {
+    let f = Fixture::new();
+    let full = fs::read(&f.img).unwrap();
+    let thin = fs::read(&f.thin).unwrap();
+    assert!(
+        thin.len() < full.len() / 10,
+        "thin {} of {}",
+        thin.len(),
+        full.len()
+    );
+    assert_eq!(
+        &full[..thin.len()],
+        &thin[..],
+        "header, signatures, index, trees unchanged"
+    );
+
+    let d = f.big().to_owned();
+    let out = run(Command::new(bin("blobfs")).arg("cat").arg(&f.thin).arg(&d));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("thin image"), "{err}");
+
+    let mp = f.t.path().join("mnt");
+    fs::create_dir(&mp).unwrap();
+    let out = run(Command::new(bin("blobfs"))
+        .arg("mount")
+        .arg(&f.thin)
+        .arg(&mp)
+        .arg("-f"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--remote"));
+
+    // Unsupported remotes are usage-level failures with a message, not panics.
+    let out = run(Command::new(bin("blobfs"))
+        .arg("cat")
+        .arg(&f.thin)
+        .arg(&d)
+        .arg("--remote")
+        .arg("gopher://example.invalid/x"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported URL"));
+
+    // A thin image cannot be pushed or thinned again.
+    let out = run(Command::new(bin("blobfs"))
+        .arg("push")
+        .arg(&f.thin)
+        .arg(f.t.path().join("objs")));
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn push_names_objects_by_digest_and_resumes() {
+    let f = Fixture::new();
+    let objs = f.t.path().join("objs");
+    let out = f.push(objs.to_str().unwrap());
+    assert!(
+        out.contains(&format!("{} blobs uploaded", f.blobs.len())),
+        "{out}"
+    );
+    for (d, content) in &f.blobs {
+        assert_eq!(&fs::read(object(&objs, d)).unwrap(), content, "object {d}");
+    }
+    let out = f.push(&format!("file://{}", objs.display()));
+    assert!(out.contains("0 blobs uploaded"), "{out}");
+    assert!(
+        out.contains(&format!("{} already there", f.blobs.len())),
+        "{out}"
+    );
+
+    // An interrupted push: one object missing, one cut short. Both are sent again.
+    let mut digests: Vec<_> = f.blobs.keys().filter(|d| !f.blobs[*d].is_empty()).collect();
+    digests.sort();
+    fs::remove_file(object(&objs, digests[0])).unwrap();
+    let cut = fs::OpenOptions::new()
+        .write(true)
+        .open(object(&objs, digests[1]))
+        .unwrap();
+    cut.set_len(f.blobs[digests[1]].len() as u64 / 2).unwrap();
+    let out = f.push(objs.to_str().unwrap());
+    assert!(out.contains("2 blobs uploaded"), "{out}");
+    for (d, content) in &f.blobs {
+        assert_eq!(&fs::read(object(&objs, d)).unwrap(), content, "object {d}");
+    }
+}
+
+#[test]
+fn thin_mount_from_a_directory_reads_every_blob() {
+    let f = Fixture::new();
+    let objs = f.t.path().join("objs");
+    f.push(objs.to_str().unwrap());
+    let m = f.mount(&format!("file://{}", objs.display()), &[]).unwrap();
+    for (d, content) in &f.blobs {
+        assert_eq!(&fs::read(m.path.join(d)).unwrap(), content, "blob {d}");
+    }
+    let log = m.unmount();
+    assert!(log.contains("thin image"), "{log}");
+}
+
+#[test]
+fn thin_mount_over_http_verifies_and_tampered_blocks_fail_alone() {
+    let f = Fixture::new();
+    let objs = f.t.path().join("objs");
+    f.push(objs.to_str().unwrap());
+    let nginx = Nginx::start(&objs);
+    {
+        let m = f.mount(&nginx.url(), &[]).unwrap();
+        for (d, content) in &f.blobs {
+            assert_eq!(&fs::read(m.path.join(d)).unwrap(), content, "blob {d}");
+            let file = fs::File::open(m.path.join(d)).unwrap();
+            for k in 0..20u64 {
+                let len = content.len() as u64;
+                let off = if len == 0 { 0 } else { (k * 7919 * 4093) % len };
+                let n = (k as usize * 1031) % 70_000 + 1;
+                let got = pread(&file, off, n).unwrap();
+                let hi = (off as usize + n).min(content.len());
+                assert_eq!(&got[..], &content[off as usize..hi], "{d} at {off}+{n}");
+            }
+        }
+    }
+
+    // The server now lies about block 5 of the big blob. Only that block fails.
+    let d = f.big().to_owned();
+    let obj = fs::OpenOptions::new()
+        .write(true)
+        .open(object(&objs, &d))
+        .unwrap();
+    obj.write_all_at(b"\xffTAMPERED", 5 * 4096 + 17).unwrap();
+    let m = f.mount(&nginx.url(), &[]).unwrap();
+    let file = fs::File::open(m.path.join(&d)).unwrap();
+    let content = &f.blobs[&d];
+    for block in [0u64, 4, 6, 100, (content.len() as u64 - 1) / 4096] {
+        let got = pread(&file, block * 4096, 4096).unwrap();
+        let lo = (block * 4096) as usize;
+        let hi = (lo + 4096).min(content.len());
+        assert_eq!(&got[..], &content[lo..hi], "block {block}");
+    }
+    assert_eq!(pread(&file, 5 * 4096, 4096), Err(EIO));
+    assert_eq!(pread(&file, 5 * 4096 + 100, 10), Err(EIO));
+    drop(file);
+    let log = m.unmount();
+    assert!(log.contains(&d[..16]) || log.contains(&d), "{log}");
+}
+
+/// Reads of a dead or silent remote fail with EIO within the timeout: no hung mount.
+#[test]
+fn dead_and_silent_servers_give_eio_not_a_hang() {
+    let f = Fixture::new();
+    let objs = f.t.path().join("objs");
+    f.push(objs.to_str().unwrap());
+    let d = f.big().to_owned();
+
+    // Accepts connections, never answers.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in silent.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let m = f
+        .mount(
+            &format!("http://127.0.0.1:{silent_port}/"),
+            &["-o", "remote_timeout=1"],
+        )
+        .unwrap();
+    let t0 = Instant::now();
+    assert_eq!(
+        integration_tests::read_file(&m.path.join(&d)).map(|v| v.len()),
+        Err(EIO)
+    );
+    let waited = t0.elapsed();
+    assert!(waited < Duration::from_secs(60), "read took {waited:?}");
+    drop(m);
+
+    // nginx serves a first read, then dies: later reads fail, the mount stays usable.
+    let mut nginx = Nginx::start(&objs);
+    let m = f.mount(&nginx.url(), &["-o", "remote_timeout=1"]).unwrap();
+    let file = fs::File::open(m.path.join(&d)).unwrap();
+    assert_eq!(pread(&file, 0, 4096).unwrap(), &f.blobs[&d][..4096]);
+    nginx.stop();
+    assert_eq!(pread(&file, 2 << 20, 4096), Err(EIO));
+    // Still mounted and answering metadata.
+    assert!(fs::metadata(m.path.join(&d)).is_ok());
+    drop(file);
+    drop(m);
+}
+
+/// A server that answers with fewer bytes than it announced, then hangs up.
+#[test]
+fn truncated_responses_give_eio() {
+    let f = Fixture::new();
+    let d = f.big().to_owned();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(
+                b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-131071/3145728\r\n\
+                  Content-Length: 131072\r\n\r\nshort",
+            );
+        }
+    });
+    let m = f
+        .mount(
+            &format!("http://127.0.0.1:{port}/"),
+            &["-o", "remote_timeout=2"],
+        )
+        .unwrap();
+    assert_eq!(
+        integration_tests::read_file(&m.path.join(&d)).map(|v| v.len()),
+        Err(EIO)
+    );
+}
