@@ -63,6 +63,16 @@ pub enum StoreCommand {
     Verify { dir: PathBuf },
     /// Reclaim files of interrupted writes and removed blobs.
     Gc { dir: PathBuf },
+    /// Fetch every blob of a thin image from its remote into the store (verified), so that a
+    /// mount with `--cache STORE` can serve them offline.
+    Prefetch {
+        dir: PathBuf,
+        /// The remote holding the blobs (as for `blobfs mount --remote`).
+        #[arg(long, value_name = "URL")]
+        remote: String,
+        /// The thin (or full) image naming the blobs.
+        thin: PathBuf,
+    },
     /// Write an image of all blobs (identical to mkfs.blobfs over the same contents).
     Export {
         dir: PathBuf,
@@ -111,6 +121,13 @@ pub struct MountArgs {
     /// thin images (same as -o remote=URL).
     #[arg(long, value_name = "URL")]
     pub remote: Option<String>,
+    /// Keep fetched blobs in this store (made by `blobfs store init`), so later reads are
+    /// local (same as -o cache=DIR).
+    #[arg(long, value_name = "STORE")]
+    pub cache: Option<PathBuf>,
+    /// Serve only blobs the cache holds; others fail with EIO (same as -o offline).
+    #[arg(long)]
+    pub offline: bool,
 }
 
 #[derive(Args, Debug)]

@@ -14,6 +14,8 @@ pub mod merkle;
 pub mod mount;
 #[cfg(feature = "remote")]
 pub mod remote;
+#[cfg(all(feature = "remote", feature = "store"))]
+pub mod remote_cache;
 pub mod sign;
 pub mod verify;
 pub mod writer;

@@ -56,6 +56,14 @@ fn run(command: Command) -> Result<(), CliError> {
                         key: "remote".into(),
                         value: Some(url),
                     }))
+                    .chain(a.cache.map(|dir| options::MountOpt {
+                        key: "cache".into(),
+                        value: Some(dir.display().to_string()),
+                    }))
+                    .chain(a.offline.then(|| options::MountOpt {
+                        key: "offline".into(),
+                        value: None,
+                    }))
                     .collect(),
                 foreground: a.foreground,
             },
@@ -303,6 +311,7 @@ fn store_command(c: StoreCommand) -> Result<(), CliError> {
             println!("{}: reclaimed {files} files, {bytes} bytes", dir.display());
             Ok(())
         }
+        StoreCommand::Prefetch { dir, remote, thin } => prefetch(&dir, &remote, &thin),
         StoreCommand::Export {
             dir,
             image,
@@ -452,6 +461,69 @@ fn push(path: &Path, url: &str, timeout: u64) -> Result<(), CliError> {
         Err(CliError::failure(format!(
             "{} of {n} blobs not pushed; run the same command again to retry them",
             failures.len()
+        )))
+    }
+}
+
+/// Fill a store with every blob of an image from a remote; each is hashed on arrival and kept
+/// only if it matches its digest.
+fn prefetch(dir: &Path, url: &str, thin: &Path) -> Result<(), CliError> {
+    use rayon::prelude::*;
+    let remote =
+        Arc::new(blobfs::remote::Remote::open(url, Default::default()).map_err(CliError::failure)?);
+    let image = Image::open(
+        thin,
+        &OpenOptions {
+            data_source: Some(remote.clone()),
+            ..OpenOptions::default()
+        },
+    )
+    .map_err(CliError::failure)?;
+    let store = Store::open(dir).map_err(CliError::failure)?;
+    let total: u64 = image.entries().iter().map(|e| e.size).sum();
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "prefetching [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(4)
+        .build()
+        .map_err(CliError::failure)?;
+    let results: Vec<Result<bool, String>> = pool.install(|| {
+        image
+            .entries()
+            .par_iter()
+            .map(|e| {
+                let r = blobfs::remote_cache::fetch_into_store(&remote, &store, &e.digest, e.size)
+                    .map(|a| matches!(a, Added::New(_)))
+                    .map_err(|err| format!("{}: {err}", blobfs::hex_digest(&e.digest)));
+                bar.inc(e.size);
+                r
+            })
+            .collect()
+    });
+    bar.finish_and_clear();
+    let fetched = results.iter().filter(|r| matches!(r, Ok(true))).count();
+    let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    for f in &failed {
+        eprintln!("blobfs: prefetch: {f}");
+    }
+    println!(
+        "{}: {fetched} blobs fetched, {} already cached, {} failed",
+        dir.display(),
+        results.len() - fetched - failed.len(),
+        failed.len()
+    );
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::failure(format!(
+            "{} blobs not fetched; run the same command again to retry them",
+            failed.len()
         )))
     }
 }

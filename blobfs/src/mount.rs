@@ -48,6 +48,10 @@ struct Settings {
     /// Blob data of a thin image comes from here.
     remote: Option<String>,
     remote_timeout: u64,
+    /// A store caching the blobs fetched from the remote.
+    cache: Option<PathBuf>,
+    /// Serve only what the cache holds.
+    offline: bool,
 }
 
 fn parse_settings(req: &MountRequest, kind: Kind) -> Result<Settings, CliError> {
@@ -66,6 +70,8 @@ fn parse_settings(req: &MountRequest, kind: Kind) -> Result<Settings, CliError> 
         vfs: Vec::new(),
         remote: None,
         remote_timeout: 30,
+        cache: None,
+        offline: false,
     };
     for o in &req.options {
         let value = |what: &str| {
@@ -105,6 +111,8 @@ fn parse_settings(req: &MountRequest, kind: Kind) -> Result<Settings, CliError> 
             "min_epoch" => s.min_epoch = number("number")?,
             "remote" => s.remote = Some(value("URL")?),
             "remote_timeout" => s.remote_timeout = number("number of seconds")?.max(1),
+            "cache" => s.cache = Some(PathBuf::from(value("store directory")?)),
+            "offline" => s.offline = true,
             "threads" => {
                 s.threads = number("number")?.clamp(1, 64) as usize;
             }
@@ -138,24 +146,37 @@ fn parse_settings(req: &MountRequest, kind: Kind) -> Result<Settings, CliError> 
     Ok(s)
 }
 
+/// The data source of a thin image: the remote, the cache store in front of it, or the cache
+/// alone when offline.
 #[cfg(feature = "remote")]
 fn remote_source(s: &Settings) -> Result<Option<Arc<dyn crate::image::BlobSource>>, CliError> {
-    let Some(url) = &s.remote else {
-        return Ok(None);
+    let remote = match &s.remote {
+        Some(url) if !s.offline => {
+            let opts = crate::remote::RemoteOptions {
+                timeout: std::time::Duration::from_secs(s.remote_timeout),
+                ..Default::default()
+            };
+            Some(crate::remote::Remote::open(url, opts).map_err(CliError::failure)?)
+        }
+        _ => None,
     };
-    let opts = crate::remote::RemoteOptions {
-        timeout: std::time::Duration::from_secs(s.remote_timeout),
-        ..Default::default()
-    };
-    let remote = crate::remote::Remote::open(url, opts).map_err(CliError::failure)?;
-    Ok(Some(Arc::new(remote)))
+    match &s.cache {
+        Some(dir) => {
+            let store = Store::open(dir).map_err(CliError::failure)?;
+            Ok(Some(crate::remote_cache::CachedRemote::new(store, remote)))
+        }
+        None if s.offline => Err(CliError::usage(
+            "the offline option needs a cache (cache=STORE, --cache STORE)",
+        )),
+        None => Ok(remote.map(|r| Arc::new(r) as Arc<dyn crate::image::BlobSource>)),
+    }
 }
 
 #[cfg(not(feature = "remote"))]
 fn remote_source(s: &Settings) -> Result<Option<Arc<dyn crate::image::BlobSource>>, CliError> {
-    match s.remote {
-        None => Ok(None),
-        Some(_) => Err(CliError::usage(
+    match (&s.remote, &s.cache) {
+        (None, None) => Ok(None),
+        _ => Err(CliError::usage(
             "this blobfs was built without remote support (feature remote)",
         )),
     }
@@ -184,6 +205,8 @@ pub fn mount(req: &MountRequest, kind: Kind) -> Result<(), CliError> {
         Kind::Image => {
             let image = open_image(&req.source, &settings, will_serve)?;
             if !will_serve {
+                // A cache store allows one process at a time: release it for the daemon.
+                drop(image);
                 return DAEMON.spawn();
             }
             let blobs = image.entries().len();
@@ -230,10 +253,18 @@ fn open_image(path: &Path, s: &Settings, report: bool) -> Result<Image, CliError
     )
     .map_err(CliError::failure)?;
     if image.is_thin() && report {
+        let cache = s
+            .cache
+            .as_ref()
+            .map(|c| format!(", cached in {}", c.display()))
+            .unwrap_or_default();
+        let from = match (&s.remote, s.offline) {
+            (Some(url), false) => url.clone(),
+            _ => "the cache only (offline)".into(),
+        };
         tracing::info!(
-            "{}: thin image: blob data from {}, every block verified",
-            path.display(),
-            s.remote.as_deref().unwrap_or_default()
+            "{}: thin image: blob data from {from}{cache}, every block verified",
+            path.display()
         );
     }
     match image.signed_by().filter(|_| report) {

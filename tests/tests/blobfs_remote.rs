@@ -394,3 +394,174 @@ fn truncated_responses_give_eio() {
         Err(EIO)
     );
 }
+
+fn store_init(f: &Fixture) -> PathBuf {
+    let store = f.t.path().join("cache");
+    run_ok(
+        Command::new(bin("blobfs"))
+            .args(["store", "init"])
+            .arg(&store),
+    );
+    store
+}
+
+fn drop_caches() {
+    let _ = fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+#[test]
+fn cache_serves_later_reads_once_the_server_is_gone() {
+    let f = Fixture::new();
+    let objs = f.t.path().join("objs");
+    f.push(objs.to_str().unwrap());
+    let store = store_init(&f);
+    let mut nginx = Nginx::start(&objs);
+    let m = f
+        .mount(
+            &nginx.url(),
+            &["--cache", store.to_str().unwrap(), "-o", "remote_timeout=1"],
+        )
+        .unwrap();
+    for (d, content) in &f.blobs {
+        assert_eq!(&fs::read(m.path.join(d)).unwrap(), content, "blob {d}");
+    }
+    // Each blob read is fetched whole into the store in the background (an empty blob needs
+    // no data). Wait until every data file is there before the server goes.
+    let fetched = wait_until(Duration::from_secs(60), || {
+        f.blobs
+            .iter()
+            .filter(|(_, c)| !c.is_empty())
+            .all(|(d, _)| object(&store.join("objects"), d).exists())
+    });
+    assert!(
+        fetched,
+        "blobs read through the mount were not fetched into the cache"
+    );
+    nginx.stop();
+    // Dropping the page cache makes every read go to the daemon, which now has only its
+    // cache (retried briefly: a data file lands a moment before its index record).
+    let all_local = wait_until(Duration::from_secs(30), || {
+        drop_caches();
+        f.blobs
+            .iter()
+            .all(|(d, c)| fs::read(m.path.join(d)).is_ok_and(|got| &got == c))
+    });
+    assert!(
+        all_local,
+        "blobs not served from the cache after the server stopped"
+    );
+    drop(m);
+    let ls = run_ok(
+        Command::new(bin("blobfs"))
+            .args(["store", "ls"])
+            .arg(&store),
+    );
+    for (d, _) in f.blobs.iter().filter(|(_, c)| !c.is_empty()) {
+        assert!(ls.contains(d.as_str()), "{d} not in the cache: {ls}");
+    }
+}
+
+#[test]
+fn prefetch_fills_the_cache_for_an_offline_mount_and_refuses_bad_objects() {
+    let f = Fixture::new();
+    let objs = f.t.path().join("objs");
+    f.push(objs.to_str().unwrap());
+    let store = store_init(&f);
+    let mut nginx = Nginx::start(&objs);
+
+    // A tampered object is refused (its digest does not match) and not cached.
+    let d = f.big().to_owned();
+    let obj = fs::OpenOptions::new()
+        .write(true)
+        .open(object(&objs, &d))
+        .unwrap();
+    obj.write_all_at(b"\x00BAD", 4096 * 9).unwrap();
+    let prefetch = || {
+        run(Command::new(bin("blobfs"))
+            .args(["store", "prefetch"])
+            .arg(&store)
+            .arg("--remote")
+            .arg(nginx.url())
+            .arg(&f.thin))
+    };
+    let out = prefetch();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let n = f.blobs.len();
+    assert!(
+        stdout.contains(&format!(
+            "{} blobs fetched, 0 already cached, 1 failed",
+            n - 1
+        )),
+        "{stdout}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refused"));
+    // Repaired on the server: the next run fetches only what is missing.
+    obj.write_all_at(&f.blobs[&d][4096 * 9..4096 * 9 + 4], 4096 * 9)
+        .unwrap();
+    let out = prefetch();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "1 blobs fetched, {} already cached, 0 failed",
+            n - 1
+        )),
+        "{stdout}"
+    );
+    nginx.stop();
+
+    let offline = FuseMount::start(|dir| {
+        let mut c = Command::new(bin("blobfs"));
+        c.arg("mount")
+            .arg(&f.thin)
+            .arg(dir)
+            .arg("-f")
+            .arg("--cache")
+            .arg(&store)
+            .arg("--offline");
+        c
+    })
+    .unwrap();
+    for (d, content) in &f.blobs {
+        assert_eq!(
+            &fs::read(offline.path.join(d)).unwrap(),
+            content,
+            "blob {d}"
+        );
+    }
+    drop(offline);
+
+    // Offline needs a cache; with an empty cache, reads fail cleanly.
+    let mp = f.t.path().join("mnt");
+    fs::create_dir(&mp).unwrap();
+    let out = run(Command::new(bin("blobfs"))
+        .arg("mount")
+        .arg(&f.thin)
+        .arg(&mp)
+        .arg("-f")
+        .arg("--offline"));
+    assert_eq!(out.status.code(), Some(2));
+    let empty = f.t.path().join("empty-cache");
+    run_ok(
+        Command::new(bin("blobfs"))
+            .args(["store", "init"])
+            .arg(&empty),
+    );
+    let m = FuseMount::start(|dir| {
+        let mut c = Command::new(bin("blobfs"));
+        c.arg("mount")
+            .arg(&f.thin)
+            .arg(dir)
+            .arg("-f")
+            .arg("--cache")
+            .arg(&empty)
+            .arg("--offline");
+        c
+    })
+    .unwrap();
+    assert_eq!(
+        integration_tests::read_file(&m.path.join(&d)).map(|v| v.len()),
+        Err(EIO)
+    );
+}

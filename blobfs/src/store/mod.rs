@@ -514,6 +514,16 @@ pub struct BlobFiles {
     size: u64,
 }
 
+impl BlobFiles {
+    /// The blob's bytes at `offset`, zero past its end (a short file is an error).
+    pub fn read_padded(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let stored = self.size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        self.data.read_exact_at(&mut buf[..stored], offset)?;
+        buf[stored..].fill(0);
+        Ok(())
+    }
+}
+
 /// A sealed blob's bytes: data from its file, tree blocks from the index.
 pub struct StoredBlob<'a> {
     store: &'a Store,
@@ -525,11 +535,7 @@ impl BlobBytes for StoredBlob<'_> {
     /// The data file holds exactly `size` bytes; the zero padding of the last block is
     /// implied. A shorter file is an error, never silently padded.
     fn read_data(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let f = self.files;
-        let stored = f.size.saturating_sub(offset).min(buf.len() as u64) as usize;
-        f.data.read_exact_at(&mut buf[..stored], offset)?;
-        buf[stored..].fill(0);
-        Ok(())
+        self.files.read_padded(offset, buf)
     }
 
     fn read_tree(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
