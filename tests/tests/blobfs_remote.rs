@@ -565,3 +565,145 @@ fn prefetch_fills_the_cache_for_an_offline_mount_and_refuses_bad_objects() {
         Err(EIO)
     );
 }
+
+/// moto's S3 server on a free loopback port, with one bucket, killed on drop. moto stands in
+/// for an S3-compatible store (scripts/install-deps puts it in a venv in the project cache).
+struct S3 {
+    child: Child,
+    port: u16,
+    python: PathBuf,
+}
+
+impl S3 {
+    fn start() -> S3 {
+        let venv = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"))
+            .join("uapi-wishes/venv-moto/bin");
+        let server = venv.join("moto_server");
+        assert!(
+            server.exists(),
+            "{} missing: run scripts/install-deps",
+            server.display()
+        );
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(&server)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let s3 = S3 {
+            child,
+            port,
+            python: venv.join("python"),
+        };
+        assert!(
+            wait_until(Duration::from_secs(30), || TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok()),
+            "moto_server did not start"
+        );
+        s3.boto("s3.create_bucket(Bucket='blobs')");
+        s3
+    }
+
+    fn env(&self, c: &mut Command) {
+        c.env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.port))
+            .env("AWS_ALLOW_HTTP", "true");
+    }
+
+    /// Run boto3 code with `s3` a client of this server (for what blobfs itself never does).
+    fn boto(&self, code: &str) {
+        let script = format!(
+            "import boto3, sys\n\
+             s3 = boto3.client('s3', endpoint_url='http://127.0.0.1:{}', region_name='us-east-1', \
+             aws_access_key_id='test', aws_secret_access_key='test')\n{code}\n",
+            self.port
+        );
+        run_ok(Command::new(&self.python).arg("-c").arg(script));
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn s3_push_mount_read_and_tamper() {
+    let f = Fixture::new();
+    let s3 = S3::start();
+    let url = "s3://blobs/fleet/v1";
+    let push = || {
+        let mut c = Command::new(bin("blobfs"));
+        c.arg("push").arg(&f.img).arg(url);
+        s3.env(&mut c);
+        run_ok(&mut c)
+    };
+    let out = push();
+    assert!(
+        out.contains(&format!("{} blobs uploaded", f.blobs.len())),
+        "{out}"
+    );
+    assert!(push().contains("0 blobs uploaded"));
+
+    let mount = || {
+        FuseMount::start(|dir| {
+            let mut c = Command::new(bin("blobfs"));
+            c.arg("mount")
+                .arg(&f.thin)
+                .arg(dir)
+                .arg("-f")
+                .arg("--key")
+                .arg(&f.pub_key)
+                .arg("--remote")
+                .arg(url);
+            s3.env(&mut c);
+            c
+        })
+        .unwrap()
+    };
+    {
+        let m = mount();
+        for (d, content) in &f.blobs {
+            assert_eq!(&fs::read(m.path.join(d)).unwrap(), content, "blob {d}");
+        }
+    }
+
+    // Replace the big blob's object with one whose block 5 differs.
+    let d = f.big().to_owned();
+    let mut bad = f.blobs[&d].clone();
+    bad[5 * 4096 + 3] ^= 0x55;
+    let bad_path = f.t.path().join("bad-object");
+    fs::write(&bad_path, &bad).unwrap();
+    s3.boto(&format!(
+        "s3.upload_file('{}', 'blobs', 'fleet/v1/{}/{}')",
+        bad_path.display(),
+        &d[..2],
+        &d[2..]
+    ));
+    let m = mount();
+    let file = fs::File::open(m.path.join(&d)).unwrap();
+    assert_eq!(
+        pread(&file, 4 * 4096, 4096).unwrap(),
+        &f.blobs[&d][4 * 4096..5 * 4096]
+    );
+    assert_eq!(
+        pread(&file, 6 * 4096, 4096).unwrap(),
+        &f.blobs[&d][6 * 4096..7 * 4096]
+    );
+    assert_eq!(pread(&file, 5 * 4096, 4096), Err(EIO));
+}
