@@ -15,12 +15,28 @@ use crate::image::BlobSource;
 use crate::merkle::Hash;
 use object_store::path::Path as ObjectPath;
 use object_store::{ClientOptions, ObjectStore, PutPayload, RetryConfig};
+use std::collections::HashMap;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Bytes per request when pushing large blobs in parts.
 const PART_SIZE: usize = 8 << 20;
+/// Read-ahead of a sequential reader: the first request fetches what was asked; each further
+/// one in sequence twice as much as the previous, up to this (a 128 KiB FUSE read stream thus
+/// costs a request per 4 MiB, not per 128 KiB). Random reads fetch only their range.
+const MAX_READAHEAD: u64 = 4 << 20;
+/// Blobs whose last fetched chunk is kept (at most MAX_READAHEAD each).
+const STREAMS: usize = 16;
+
+/// The read position of one blob's reader, and the last chunk fetched for it (unverified
+/// bytes: the caller verifies whatever it is given).
+struct Stream {
+    next: u64,
+    window: u64,
+    start: u64,
+    chunk: Arc<Vec<u8>>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
@@ -64,6 +80,7 @@ pub struct Remote {
     store: Arc<dyn ObjectStore>,
     prefix: ObjectPath,
     runtime: tokio::runtime::Runtime,
+    streams: Mutex<HashMap<Hash, Stream>>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -140,6 +157,7 @@ impl Remote {
             store,
             prefix,
             runtime,
+            streams: Mutex::new(HashMap::new()),
         })
     }
 
@@ -221,16 +239,11 @@ impl Remote {
     }
 }
 
-impl BlobSource for Remote {
-    fn read(&self, digest: &Hash, size: u64, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        buf.fill(0);
-        let end = size.min(offset + buf.len() as u64);
-        if offset >= end {
-            return Ok(());
-        }
+impl Remote {
+    /// Bytes `range` of a blob's object, checked to be exactly that long.
+    fn fetch(&self, digest: &Hash, range: std::ops::Range<u64>) -> io::Result<Vec<u8>> {
         let path = self.object_path(digest);
-        let range = offset..end;
-        let want = (end - offset) as usize;
+        let want = (range.end - range.start) as usize;
         let bytes = self
             .runtime
             .block_on(self.store.get_range(&path, range.clone()))
@@ -241,14 +254,69 @@ impl BlobSource for Remote {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!(
-                    "{}: object {path}: asked for {} bytes at {offset}, got {}",
+                    "{}: object {path}: asked for {want} bytes at {}, got {}",
                     self.url,
-                    want,
+                    range.start,
                     bytes.len()
                 ),
             ));
         }
-        buf[..bytes.len()].copy_from_slice(&bytes);
+        Ok(bytes.to_vec())
+    }
+
+    fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<Hash, Stream>> {
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl BlobSource for Remote {
+    fn read(&self, digest: &Hash, size: u64, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        buf.fill(0);
+        let end = size.min(offset + buf.len() as u64);
+        if offset >= end {
+            return Ok(());
+        }
+        let fill = |buf: &mut [u8], start: u64, chunk: &[u8]| {
+            let from = (offset - start) as usize;
+            let n = (end - offset) as usize;
+            buf[..n].copy_from_slice(&chunk[from..from + n]);
+        };
+        // Served from the chunk fetched ahead, or how far to fetch ahead now.
+        let fetch_end = {
+            let mut streams = self.streams();
+            match streams.get_mut(digest) {
+                Some(st) if offset >= st.start && end <= st.start + st.chunk.len() as u64 => {
+                    fill(buf, st.start, &st.chunk);
+                    st.next = end;
+                    return Ok(());
+                }
+                // In sequence (FUSE may deliver a stream's reads slightly out of order).
+                Some(st) if offset.abs_diff(st.next) <= MAX_READAHEAD => {
+                    st.window = (st.window * 2).min(MAX_READAHEAD);
+                    size.min((offset + st.window).max(end))
+                }
+                _ => end,
+            }
+        };
+        let chunk = Arc::new(self.fetch(digest, offset..fetch_end)?);
+        fill(buf, offset, &chunk);
+        let mut streams = self.streams();
+        if streams.len() >= STREAMS && !streams.contains_key(digest) {
+            // Forget an arbitrary stream; its reader merely starts its read-ahead over.
+            if let Some(k) = streams.keys().next().copied() {
+                streams.remove(&k);
+            }
+        }
+        let st = streams.entry(*digest).or_insert(Stream {
+            next: 0,
+            window: 0,
+            start: 0,
+            chunk: Arc::new(Vec::new()),
+        });
+        st.window = st.window.max(fetch_end - offset);
+        st.next = end;
+        st.start = offset;
+        st.chunk = chunk;
         Ok(())
     }
 }
