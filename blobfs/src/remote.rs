@@ -194,20 +194,23 @@ impl Remote {
         mut read: impl FnMut(u64, usize) -> io::Result<Vec<u8>>,
     ) -> io::Result<()> {
         let path = self.object_path(digest);
-        if size <= PART_SIZE as u64 {
+        let whole = |read: &mut dyn FnMut(u64, usize) -> io::Result<Vec<u8>>| {
             let data = read(0, size as usize)?;
-            return self
-                .runtime
+            self.runtime
                 .block_on(self.store.put(&path, PutPayload::from(data)))
                 .map(drop)
-                .map_err(|e| self.io_error(&path, e));
+                .map_err(|e| self.io_error(&path, e))
+        };
+        if size <= PART_SIZE as u64 {
+            return whole(&mut read);
         }
+        let upload = match self.runtime.block_on(self.store.put_multipart(&path)) {
+            Ok(u) => u,
+            // Plain HTTP servers take one PUT per object: the blob is sent from memory.
+            Err(object_store::Error::NotImplemented) => return whole(&mut read),
+            Err(e) => return Err(self.io_error(&path, e)),
+        };
         self.runtime.block_on(async {
-            let upload = self
-                .store
-                .put_multipart(&path)
-                .await
-                .map_err(|e| self.io_error(&path, e))?;
             let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
             let mut offset = 0;
             while offset < size {

@@ -29,7 +29,10 @@ impl Fixture {
         let t = tempfile::tempdir().unwrap();
         let src = t.path().join("src");
         fs::create_dir(&src).unwrap();
-        for (i, size) in [0usize, 1, 4096, 4097, 100_000, 3 << 20].iter().enumerate() {
+        for (i, size) in [0usize, 1, 4096, 4097, 100_000, 3 << 20, (9 << 20) + 5]
+            .iter()
+            .enumerate()
+        {
             fs::write(
                 src.join(format!("f{i}")),
                 pseudo_random_bytes(i as u64 + 7, *size),
