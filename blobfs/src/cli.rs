@@ -156,6 +156,9 @@ pub struct VerifyArgs {
     /// Require a valid signature by this public key (repeatable: any one suffices).
     #[arg(long = "key", value_name = "PUB.pem")]
     pub keys: Vec<PathBuf>,
+    /// Read blob data from this remote (a thin image: checks every object the remote holds).
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
 }
 
 #[derive(Args, Debug)]

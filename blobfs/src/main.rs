@@ -70,7 +70,7 @@ fn run(command: Command) -> Result<(), CliError> {
             Kind::Image,
         ),
         Command::Store(c) => store_command(c),
-        Command::Verify(a) => verify(&a.image, &a.keys),
+        Command::Verify(a) => verify(&a.image, &a.keys, a.remote.as_deref()),
         Command::Ls(a) => ls(&a.image, a.json),
         Command::Cat(a) => cat(&a.image, &a.digest, a.remote.as_deref()),
         Command::Thin(a) => thin(&a.image, &a.thin),
@@ -81,24 +81,36 @@ fn run(command: Command) -> Result<(), CliError> {
 }
 
 fn open(path: &Path, keys: &[PathBuf]) -> Result<Image, CliError> {
+    open_with(path, keys, None)
+}
+
+/// Open an image; with `remote`, a thin image reads its blob data from there.
+fn open_with(path: &Path, keys: &[PathBuf], remote: Option<&str>) -> Result<Image, CliError> {
     let keys = keys
         .iter()
         .map(|k| sign::load_verifying_key(k))
         .collect::<Result<Vec<_>, _>>()
         .map_err(CliError::failure)?;
+    let data_source = match remote {
+        None => None,
+        Some(url) => Some(Arc::new(
+            blobfs::remote::Remote::open(url, Default::default()).map_err(CliError::failure)?,
+        ) as Arc<dyn blobfs::image::BlobSource>),
+    };
     Image::open(
         path,
         &OpenOptions {
             keys,
+            data_source,
             ..OpenOptions::default()
         },
     )
     .map_err(CliError::failure)
 }
 
-fn verify(path: &Path, keys: &[PathBuf]) -> Result<(), CliError> {
+fn verify(path: &Path, keys: &[PathBuf], remote: Option<&str>) -> Result<(), CliError> {
     use rayon::prelude::*;
-    let image = open(path, keys)?;
+    let image = open_with(path, keys, remote)?;
     let bad: Vec<String> = (0..image.entries().len())
         .into_par_iter()
         .filter_map(|i| image.verify_blob(i).err().map(|e| e.to_string()))

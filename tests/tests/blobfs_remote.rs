@@ -245,6 +245,17 @@ fn push_names_objects_by_digest_and_resumes() {
     }
     let out = f.push(&format!("file://{}", objs.display()));
     assert!(out.contains("0 blobs uploaded"), "{out}");
+    let verify = || {
+        run(Command::new(bin("blobfs"))
+            .arg("verify")
+            .arg(&f.thin)
+            .arg("--key")
+            .arg(&f.pub_key)
+            .arg("--remote")
+            .arg(&objs))
+    };
+    let v = verify();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
     assert!(
         out.contains(&format!("{} already there", f.blobs.len())),
         "{out}"
@@ -259,6 +270,9 @@ fn push_names_objects_by_digest_and_resumes() {
         .open(object(&objs, digests[1]))
         .unwrap();
     cut.set_len(f.blobs[digests[1]].len() as u64 / 2).unwrap();
+    let v = verify();
+    assert_eq!(v.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&v.stdout).matches("BAD ").count() == 2);
     let out = f.push(objs.to_str().unwrap());
     assert!(out.contains("2 blobs uploaded"), "{out}");
     for (d, content) in &f.blobs {
