@@ -117,6 +117,11 @@ struct Nginx {
 
 impl Nginx {
     fn start(root: &Path) -> Nginx {
+        Nginx::start_with(root, None)
+    }
+
+    /// With `tls` (certificate, key), the server speaks HTTPS only.
+    fn start_with(root: &Path, tls: Option<(&Path, &Path)>) -> Nginx {
         let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
             .into_iter()
             .find(|p| Path::new(p).exists())
@@ -134,7 +139,15 @@ impl Nginx {
              events {{ worker_connections 64; }}\n\
              http {{ access_log off; client_body_temp_path {c}/b; proxy_temp_path {c}/p;\n\
              fastcgi_temp_path {c}/f; uwsgi_temp_path {c}/u; scgi_temp_path {c}/s;\n\
-             server {{ listen 127.0.0.1:{port}; root {}; }} }}\n",
+             server {{ listen 127.0.0.1:{port}{}; root {}; }} }}\n",
+            match tls {
+                Some((cert, key)) => format!(
+                    " ssl; ssl_certificate {}; ssl_certificate_key {}",
+                    cert.display(),
+                    key.display()
+                ),
+                None => String::new(),
+            },
             root.display()
         );
         fs::write(conf.path().join("nginx.conf"), text).unwrap();
@@ -723,4 +736,82 @@ fn s3_push_mount_read_and_tamper() {
         &f.blobs[&d][6 * 4096..7 * 4096]
     );
     assert_eq!(pread(&file, 5 * 4096, 4096), Err(EIO));
+}
+
+/// HTTPS: the server's certificate must chain to a trusted root (here a test CA given through
+/// SSL_CERT_FILE, which the TLS client reads); an untrusted one is refused.
+#[test]
+fn https_remote_needs_a_trusted_certificate() {
+    let f = Fixture::new();
+    let objs = f.t.path().join("objs");
+    f.push(objs.to_str().unwrap());
+    let dir = f.t.path().join("tls");
+    fs::create_dir(&dir).unwrap();
+    let ossl = |args: &[&str]| {
+        run_ok(Command::new("openssl").current_dir(&dir).args(args));
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    ossl(
+        &[
+            &["req", "-x509"],
+            &ec[..],
+            &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2"],
+            &["-subj", "/CN=blobfs test CA"],
+        ]
+        .concat(),
+    );
+    ossl(
+        &[
+            &["req"],
+            &ec[..],
+            &["-keyout", "key.pem", "-out", "leaf.csr"],
+            &["-subj", "/CN=127.0.0.1"],
+        ]
+        .concat(),
+    );
+    fs::write(dir.join("ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    ossl(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "cert.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+    ]);
+    let nginx = Nginx::start_with(&objs, Some((&dir.join("cert.pem"), &dir.join("key.pem"))));
+    let url = nginx.url().replace("http://", "https://");
+    let d = f.big().to_owned();
+    let cat = |trust: Option<&Path>| {
+        let mut c = Command::new(bin("blobfs"));
+        c.arg("cat").arg(&f.thin).arg(&d).arg("--remote").arg(&url);
+        if let Some(ca) = trust {
+            c.env("SSL_CERT_FILE", ca);
+        }
+        run(&mut c)
+    };
+    let ok = cat(Some(&dir.join("ca.pem")));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(ok.stdout, f.blobs[&d]);
+    let refused = cat(None);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(refused.stdout.is_empty());
 }
