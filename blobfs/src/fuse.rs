@@ -8,7 +8,7 @@ use crate::image::{Image, ReadError};
 use crate::merkle::{HASH_SIZE, Hash, data_blocks, parse_digest};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, IoctlFlags, KernelConfig, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
+    INodeNo, InitFlags, IoctlFlags, KernelConfig, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyXattr,
     Request,
 };
@@ -201,6 +201,9 @@ impl Filesystem for BlobFs {
         if let Err(max) = config.set_max_readahead(1 << 20) {
             let _ = config.set_max_readahead(max);
         }
+        // And READ requests as large as the readahead (without FUSE_MAX_PAGES the kernel caps
+        // them at 32 pages, 128 KiB).
+        let _ = config.add_capabilities(InitFlags::FUSE_MAX_PAGES);
         Ok(())
     }
 

@@ -329,6 +329,7 @@ fn serve(
         // So that a killed daemon's mount really goes (see mount_api::fusermount).
         low_fd.hold_new_socket();
     }
+    raise_readahead(&req.mountpoint);
     daemon::unmount_on_signals(&req.mountpoint)?;
     tracing::info!(
         "serving {} ({what}) on {}",
@@ -341,6 +342,39 @@ fn serve(
         .map_err(|e| CliError::failure(format!("FUSE session failed: {e}")))?;
     tracing::info!("{} unmounted", req.mountpoint.display());
     Ok(())
+}
+
+/// Read-ahead the size of the largest READ the daemon takes (1 MiB, FUSE_MAX_PAGES), instead
+/// of the 128 KiB default of a FUSE mount's backing device: a sequential reader then costs a
+/// quarter of the requests, each verified in one go. Root only (sysfs); failures only logged.
+/// The device number comes from mountinfo: a stat of the mount point would wait for the
+/// session, which has not started yet.
+fn raise_readahead(mountpoint: &Path) {
+    let Ok(canon) = std::fs::canonicalize(mountpoint) else {
+        return;
+    };
+    let escaped = canon
+        .to_string_lossy()
+        .replace('\\', "\\134")
+        .replace(' ', "\\040")
+        .replace('\t', "\\011")
+        .replace('\n', "\\012");
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let Some(dev) = info
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.get(4) == Some(&escaped.as_str())).then(|| f.get(2).map(|d| d.to_string()))
+        })
+        .flatten()
+        .last()
+    else {
+        return;
+    };
+    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&path, "1024") {
+        tracing::debug!("read-ahead left at the default ({path}: {e})");
+    }
 }
 
 /// Parse the mount(8) helper calling convention:
