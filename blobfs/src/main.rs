@@ -417,15 +417,7 @@ fn push(path: &Path, url: &str, timeout: u64) -> Result<(), CliError> {
     )
     .map_err(CliError::failure)?;
     let total: u64 = image.entries().iter().map(|e| e.size).sum();
-    // indicatif draws only when stderr is a terminal.
-    let bar = indicatif::ProgressBar::new(total);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "pushing [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
+    let bar = bytes_bar(total, "pushing");
     let (sent, sent_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(4)
@@ -493,14 +485,7 @@ fn prefetch(dir: &Path, url: &str, thin: &Path) -> Result<(), CliError> {
     .map_err(CliError::failure)?;
     let store = Store::open(dir).map_err(CliError::failure)?;
     let total: u64 = image.entries().iter().map(|e| e.size).sum();
-    let bar = indicatif::ProgressBar::new(total);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "prefetching [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
+    let bar = bytes_bar(total, "prefetching");
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(4)
         .build()
@@ -538,4 +523,17 @@ fn prefetch(dir: &Path, url: &str, thin: &Path) -> Result<(), CliError> {
             failed.len()
         )))
     }
+}
+
+/// A progress bar over bytes; indicatif draws it only when stderr is a terminal.
+fn bytes_bar(total: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} [{{bar:30}}] {{binary_bytes}}/{{binary_total_bytes}} {{binary_bytes_per_sec}}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar
 }
