@@ -249,6 +249,20 @@ pub fn pread(file: &fs::File, offset: u64, len: usize) -> Result<Vec<u8>, i32> {
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+/// The blobs an `mkfs.blobfs --manifest` file names (`DIGEST SIZE PATH` lines): digest ->
+/// the source file's contents.
+pub fn manifest_blobs(manifest: &Path) -> std::collections::HashMap<String, Vec<u8>> {
+    let text = fs::read_to_string(manifest).expect("manifest readable");
+    text.lines()
+        .map(|line| {
+            let mut it = line.splitn(3, ' ');
+            let digest = it.next().expect("digest").to_owned();
+            let path = it.nth(1).expect("path");
+            (digest, fs::read(path).expect("source file readable"))
+        })
+        .collect()
+}
+
 pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut out = Vec::with_capacity(len + 8);

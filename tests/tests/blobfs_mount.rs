@@ -3,7 +3,8 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use integration_tests::{
-    FuseMount, bin, is_mounted, mountinfo_line, pread, pseudo_random_bytes, run, run_ok, wait_until,
+    FuseMount, bin, is_mounted, manifest_blobs, mountinfo_line, pread, pseudo_random_bytes, run,
+    run_ok, wait_until,
 };
 use std::collections::HashMap;
 use std::fs;
@@ -53,13 +54,7 @@ impl Fixture {
             mkfs.arg("--sign").arg(&key);
         }
         run_ok(mkfs.arg(&img).arg(&src));
-        let mut blobs = HashMap::new();
-        for line in fs::read_to_string(t.path().join("man")).unwrap().lines() {
-            let mut it = line.splitn(3, ' ');
-            let d = it.next().unwrap().to_owned();
-            it.next();
-            blobs.insert(d, fs::read(it.next().unwrap()).unwrap());
-        }
+        let blobs = manifest_blobs(&t.path().join("man"));
         Fixture {
             pub_key: t.path().join("k.pub.pem"),
             img,

@@ -3,7 +3,9 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use integration_tests::{FuseMount, bin, pread, pseudo_random_bytes, run, run_ok, wait_until};
+use integration_tests::{
+    FuseMount, bin, manifest_blobs, pread, pseudo_random_bytes, run, run_ok, wait_until,
+};
 use std::collections::HashMap;
 use std::fs;
 use std::io::{Read, Write};
@@ -52,13 +54,7 @@ impl Fixture {
                 .arg(&img)
                 .arg(&src),
         );
-        let mut blobs = HashMap::new();
-        for line in fs::read_to_string(t.path().join("man")).unwrap().lines() {
-            let mut it = line.splitn(3, ' ');
-            let d = it.next().unwrap().to_owned();
-            it.next();
-            blobs.insert(d, fs::read(it.next().unwrap()).unwrap());
-        }
+        let blobs = manifest_blobs(&t.path().join("man"));
         let thin = t.path().join("thin");
         run_ok(Command::new(bin("blobfs")).arg("thin").arg(&img).arg(&thin));
         Fixture {
@@ -79,18 +75,19 @@ impl Fixture {
         )
     }
 
+    /// The thin image, signed, from `url`.
     fn mount(&self, url: &str, extra: &[&str]) -> Result<FuseMount, String> {
+        let key = self.pub_key.to_str().unwrap();
+        let args = [&["--key", key, "--remote", url], extra].concat();
+        self.mount_thin(&args, |_| {})
+    }
+
+    /// The thin image in the foreground with `args`; `env` adds to the daemon's environment.
+    fn mount_thin(&self, args: &[&str], env: impl Fn(&mut Command)) -> Result<FuseMount, String> {
         FuseMount::start(|dir| {
             let mut c = Command::new(bin("blobfs"));
-            c.arg("mount")
-                .arg(&self.thin)
-                .arg(dir)
-                .arg("-f")
-                .arg("--key")
-                .arg(&self.pub_key)
-                .arg("--remote")
-                .arg(url)
-                .args(extra);
+            c.arg("mount").arg(&self.thin).arg(dir).arg("-f").args(args);
+            env(&mut c);
             c
         })
     }
@@ -541,18 +538,9 @@ fn prefetch_fills_the_cache_for_an_offline_mount_and_refuses_bad_objects() {
     );
     nginx.stop();
 
-    let offline = FuseMount::start(|dir| {
-        let mut c = Command::new(bin("blobfs"));
-        c.arg("mount")
-            .arg(&f.thin)
-            .arg(dir)
-            .arg("-f")
-            .arg("--cache")
-            .arg(&store)
-            .arg("--offline");
-        c
-    })
-    .unwrap();
+    let offline = f
+        .mount_thin(&["--cache", store.to_str().unwrap(), "--offline"], |_| {})
+        .unwrap();
     for (d, content) in &f.blobs {
         assert_eq!(
             &fs::read(offline.path.join(d)).unwrap(),
@@ -578,18 +566,9 @@ fn prefetch_fills_the_cache_for_an_offline_mount_and_refuses_bad_objects() {
             .args(["store", "init"])
             .arg(&empty),
     );
-    let m = FuseMount::start(|dir| {
-        let mut c = Command::new(bin("blobfs"));
-        c.arg("mount")
-            .arg(&f.thin)
-            .arg(dir)
-            .arg("-f")
-            .arg("--cache")
-            .arg(&empty)
-            .arg("--offline");
-        c
-    })
-    .unwrap();
+    let m = f
+        .mount_thin(&["--cache", empty.to_str().unwrap(), "--offline"], |_| {})
+        .unwrap();
     assert_eq!(
         integration_tests::read_file(&m.path.join(&d)).map(|v| v.len()),
         Err(EIO)
@@ -690,21 +669,10 @@ fn s3_push_mount_read_and_tamper() {
     );
     assert!(push().contains("0 blobs uploaded"));
 
+    let key = f.pub_key.to_str().unwrap();
     let mount = || {
-        FuseMount::start(|dir| {
-            let mut c = Command::new(bin("blobfs"));
-            c.arg("mount")
-                .arg(&f.thin)
-                .arg(dir)
-                .arg("-f")
-                .arg("--key")
-                .arg(&f.pub_key)
-                .arg("--remote")
-                .arg(url);
-            s3.env(&mut c);
-            c
-        })
-        .unwrap()
+        f.mount_thin(&["--key", key, "--remote", url], |c| s3.env(c))
+            .unwrap()
     };
     {
         let m = mount();
