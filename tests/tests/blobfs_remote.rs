@@ -233,12 +233,15 @@ fn thin_image_is_the_signed_prefix_and_needs_a_remote() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported URL"));
 
-    // A thin image cannot be pushed or thinned again.
-    let out = run(Command::new(bin("blobfs"))
-        .arg("push")
-        .arg(&f.thin)
-        .arg(f.t.path().join("objs")));
-    assert_eq!(out.status.code(), Some(1));
+    // A thin image cannot be pushed or thinned again; neither leaves anything behind.
+    for args in [
+        vec!["push".into(), f.thin.clone(), f.t.path().join("objs")],
+        vec!["thin".into(), f.thin.clone(), f.t.path().join("thinner")],
+    ] {
+        let out = run(Command::new(bin("blobfs")).args(&args));
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(!args[2].exists(), "{args:?} left {}", args[2].display());
+    }
 }
 
 #[test]
