@@ -15,6 +15,7 @@ use rayon::prelude::*;
 use sha2::{Digest as _, Sha256};
 use std::fs::{self, File};
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -234,6 +235,7 @@ pub fn write_image(
     std::thread::scope(|scope| -> Result<(), WriteError> {
         let writer = scope.spawn(move || -> Result<(), WriteError> {
             let mut copied = 0;
+            let mut unflushed = 0;
             for (job, run) in job_rx {
                 match job {
                     Job::Filled(buf, len) => {
@@ -245,12 +247,19 @@ pub fn write_image(
                     Job::Copy(path, stamp, size) => {
                         copy_file(path, stamp, size, out, run.start, cancel)?
                     }
-                    Job::Bytes(data) => out.write_all_at(data, run.start).map_err(w)?,
+                    Job::Memory => write_run_vectored(out, run).map_err(w)?,
                 }
                 let data: u64 = run.pieces.iter().map(|p| p.2).sum();
                 if data > 0 {
                     copied += data;
                     progress(copied);
+                }
+                // An image that will be fsynced is sent to the disk while the rest is still
+                // being written, so the final fsync waits only for the last few runs.
+                unflushed += run.len();
+                if settings.fsync && unflushed >= WRITEBACK_BYTES {
+                    mount_api::start_writeback(out.as_fd(), 0, 0).map_err(w)?;
+                    unflushed = 0;
                 }
             }
             Ok(())
@@ -263,7 +272,7 @@ pub fn write_image(
                 [(_, Piece::File { path, stamp }, size)] if run.len() > RUN_BYTES => {
                     Job::Copy(path, stamp, *size)
                 }
-                [(_, Piece::Bytes(data), _)] if run.len() > RUN_BYTES => Job::Bytes(data),
+                pieces if pieces.iter().all(|p| matches!(p.1, Piece::Bytes(_))) => Job::Memory,
                 _ => {
                     // Never wait for a free buffer (only for room in the writer's queue, which
                     // bounds the buffers in flight): a wait here could outlast the writer.
@@ -355,8 +364,51 @@ enum Job<'a> {
     Filled(Vec<u8>, usize),
     /// Copy the whole (hashed) file.
     Copy(&'a Path, &'a FileStamp, u64),
-    /// Write these bytes.
-    Bytes(&'a [u8]),
+    /// Every piece of the run is in memory: written from there with one `pwritev()` per
+    /// `IOV_MAX` pieces, without first gathering it into a buffer (one copy of the data less).
+    Memory,
+}
+
+/// Dirty bytes after which an image that will be fsynced is sent on to the disk.
+const WRITEBACK_BYTES: u64 = 32 << 20;
+
+/// Most buffers one `pwritev()` takes (`IOV_MAX` on Linux).
+const IOV_MAX: usize = 1024;
+
+static ZEROS: [u8; BLOCK_SIZE] = [0; BLOCK_SIZE];
+
+/// Write a run whose pieces are all in memory, with zeros for block padding.
+fn write_run_vectored(out: &File, run: &Run<'_>) -> io::Result<()> {
+    let mut slices = Vec::with_capacity(run.pieces.len() * 2);
+    let mut pieces = run.pieces.iter().peekable();
+    while let Some((rel, piece, _)) = pieces.next() {
+        let Piece::Bytes(data) = piece else {
+            return Err(io::Error::other("a file piece in an in-memory run"));
+        };
+        let end = pieces.peek().map_or(run.len(), |p| p.0);
+        slices.push(io::IoSlice::new(data));
+        let mut pad = end - rel - data.len() as u64;
+        while pad > 0 {
+            let n = pad.min(BLOCK_SIZE as u64);
+            slices.push(io::IoSlice::new(&ZEROS[..n as usize]));
+            pad -= n;
+        }
+    }
+    let mut at = run.start;
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let batch = rest.len().min(IOV_MAX);
+        match rustix::io::pwritev(out, &rest[..batch], at) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                at += n as u64;
+                io::IoSlice::advance_slices(&mut rest, n);
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Filled buffers queued for the image writer, and spare buffers kept for reuse.

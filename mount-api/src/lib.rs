@@ -1,5 +1,6 @@
 //! The parts of the Linux mount machinery that neither rustix nor nix wrap, made safe: loop
-//! devices ([`loopdev`]), file handles ([`name_to_handle`], [`open_by_handle`]) and idmapped mounts ([`set_idmap`], with the user namespace that
+//! devices ([`loopdev`]), file handles ([`name_to_handle`], [`open_by_handle`]), early
+//! writeback for image writers ([`start_writeback`]) and idmapped mounts ([`set_idmap`], with the user namespace that
 //! carries the maps from [`userns`]). All of the project's mount-related `unsafe` code is in
 //! the private `sys` module, one small function per system call or ioctl.
 //!
@@ -14,7 +15,7 @@ pub mod userns;
 
 pub use sys::{
     FileHandle, LO_FLAGS_AUTOCLEAR, LO_FLAGS_READ_ONLY, loop_clr_fd, loop_configure,
-    loop_ctl_get_free, name_to_handle, open_by_handle,
+    loop_ctl_get_free, name_to_handle, open_by_handle, start_writeback,
 };
 
 use rustix::mount::{MountAttrFlags, MoveMountFlags, OpenTreeFlags, move_mount, open_tree};
