@@ -10,6 +10,8 @@ VM_HARNESS_VERSION=1
 VM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$VM_DIR/../.." && pwd)
 PATCH_DIR=$REPO_ROOT/kernel-patches
+# Kconfig options that only the series defines: patched (and dev) builds only.
+SERIES_CONFIG=$PATCH_DIR/kernel.config
 VM_CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/uapi-wishes
 
 # The kernel source comes from Debian's linux-source-6.12 package: a fixed,
@@ -67,6 +69,8 @@ kernel_key() {
 		echo "config"
 		cat "$VM_DIR/kernel.config"
 		if [ "$kind" = patched ]; then
+			echo "series config"
+			[ -f "$SERIES_CONFIG" ] && cat "$SERIES_CONFIG"
 			echo "series"
 			[ -f "$PATCH_DIR/series" ] && cat "$PATCH_DIR/series"
 			series_patches | while IFS= read -r p; do
