@@ -329,6 +329,26 @@ fn a_child_spawned_while_writing_does_not_end_the_blob() {
 }
 
 #[test]
+fn a_child_spawned_before_the_first_write_does_not_end_the_blob() {
+    // Before any data arrives the daemon cannot know the writer's descriptor table, and the
+    // size announced by ftruncate makes an early flush look like a short blob. Any test
+    // thread spawning a process in that window used to make the first write fail with EIO.
+    let s = new_store();
+    let m = mount(&s.dir, &[]);
+    let data = pseudo_random_bytes(8, 200_000);
+    let path = m.path.join(name_of(&data));
+    let mut f = create(&path).unwrap();
+    f.set_len(data.len() as u64).unwrap();
+    assert!(Command::new("true").status().unwrap().success());
+    let written = f.write_all(&data);
+    drop(f);
+    let read = fs::read(&path);
+    let log = m.unmount();
+    assert!(written.is_ok(), "write: {written:?}; daemon log:\n{log}");
+    assert_eq!(read.unwrap(), data, "daemon log:\n{log}");
+}
+
+#[test]
 fn full_disk_fails_the_write_and_leaves_the_store_consistent() {
     let t = tempfile::tempdir().unwrap();
     let fs_dir = t.path().join("small");

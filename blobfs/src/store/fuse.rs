@@ -72,6 +72,20 @@ struct Writer {
     /// multi-threaded writer forks while writing; only a flush from the writer's own
     /// table completes the blob.
     owner: Option<u64>,
+    /// The process (thread group) that created the blob. Until the first write reveals the
+    /// writer's descriptor table, a flush is attributed by process instead: a child forked
+    /// between create (or ftruncate) and the first write must not end the blob either.
+    creator: Option<u32>,
+}
+
+/// The thread group of a thread id as FUSE reports it in request headers, or None when
+/// /proc does not tell (the thread is gone, or /proc is another pid namespace's).
+fn thread_group(tid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 enum Handle {
@@ -165,17 +179,25 @@ impl StoreFs {
     /// A flush or fsync: completes the blob, except before any data was written. Every
     /// close() of any descriptor sends FLUSH, and tools such as dd close a duplicate of the
     /// output descriptor before writing; the empty blob itself is completed here, though.
-    /// `flusher` is the lock owner of a FLUSH (None for fsync, which is always meant).
-    fn flush_writer(&self, w: &mut Writer, flusher: Option<u64>) -> Result<(), Errno> {
-        if let (Some(writer), Some(flusher)) = (w.owner, flusher)
-            && writer != flusher
+    /// `flusher` is the lock owner and thread id of a FLUSH (None for fsync, always meant).
+    fn flush_writer(&self, w: &mut Writer, flusher: Option<(u64, u32)>) -> Result<(), Errno> {
+        if let Some((owner, tid)) = flusher
             && matches!(w.state, WriterState::Open)
         {
-            tracing::debug!(
-                "blob {}: flush from another descriptor table (a forked child's close); not the end of the blob",
-                hex::encode(w.digest)
-            );
-            return Ok(());
+            let foreign = match w.owner {
+                Some(writer) => writer != owner,
+                None => w
+                    .creator
+                    .zip(thread_group(tid))
+                    .is_some_and(|(creator, flusher)| creator != flusher),
+            };
+            if foreign {
+                tracing::debug!(
+                    "blob {}: flush from another descriptor table (a forked child's close); not the end of the blob",
+                    hex::encode(w.digest)
+                );
+                return Ok(());
+            }
         }
         let empty_name = crate::merkle::fsverity_digest(0, &[0; 32]);
         if matches!(w.state, WriterState::Open)
@@ -283,7 +305,7 @@ impl Filesystem for StoreFs {
 
     fn create(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         _mode: u32,
@@ -329,6 +351,7 @@ impl Filesystem for StoreFs {
             expected: None,
             state: WriterState::Open,
             owner: None,
+            creator: thread_group(req.pid()),
         };
         let attr = self.writer_attr(&w);
         let fh = self.new_fh(Handle::Write(Arc::new(Mutex::new(w))));
@@ -504,14 +527,14 @@ impl Filesystem for StoreFs {
 
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         lock_owner: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
         match self.writer(fh) {
-            Some(w) => match self.flush_writer(&mut lock(&w), Some(lock_owner.0)) {
+            Some(w) => match self.flush_writer(&mut lock(&w), Some((lock_owner.0, req.pid()))) {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(e),
             },
